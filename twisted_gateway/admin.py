@@ -1,0 +1,42 @@
+"""
+The admin app (Klein) served on the plain port: liveness, readiness and Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from klein import Klein
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from twisted_gateway import metrics, splice
+
+
+class AdminApp:
+    app = Klein()
+
+    def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+        self.readiness = readiness
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    def readyz(self, request: Any) -> bytes:
+        ready, detail = self.readiness()
+        request.setResponseCode(200 if ready else 503)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"ready": ready, **detail}, sort_keys=True).encode() + b"\n"
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_page(self, request: Any) -> bytes:
+        splice.flush_metrics()
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(metrics.REGISTRY)
+
+    def resource(self) -> Any:
+        return self.app.resource()

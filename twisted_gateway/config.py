@@ -1,0 +1,241 @@
+"""
+The gateway's configuration: one YAML file, validated once at start into frozen attrs objects.
+
+Every key is declared here with its type, default and check; docs/configuration.md documents
+the same keys.  A problem is reported as one sentence naming the file, the dotted key and what
+is wrong, e.g. ``etc/gateway.yaml: tls.handshake_timeout: expected a positive number, got 'x'``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import attrs
+import yaml
+
+from twisted_gateway.names import is_valid_label, normalize_hostname
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() is the one-line message shown to the operator."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+
+
+# --- value checks: each returns the converted value or raises ValueError(problem) -------------
+
+def positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return float(value)
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def optional_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a file path, got {value!r}")
+    return value
+
+
+def path(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a path, got {value!r}")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
+
+
+def hostname(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a DNS name, got {value!r}")
+    name = normalize_hostname(value)
+    if not name or not all(is_valid_label(part) for part in name.split(".")):
+        raise ValueError(f"{value!r} is not a DNS name of lower-case labels")
+    return name
+
+
+def endpoint(value: Any) -> str:
+    """A port number or a Twisted server endpoint description (tcp:PORT:interface=...)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 65535:
+            raise ValueError(f"port {value} out of range")
+        return f"tcp:{value}"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a port number or an endpoint description, got {value!r}")
+    if value.isdigit():
+        return endpoint(int(value))
+    if ":" not in value:
+        raise ValueError(f"{value!r} is neither a port number nor an endpoint description like tcp:28318")
+    return value
+
+
+def _field(check: Callable[[Any], Any], default: Any, doc: str) -> Any:
+    return attrs.field(default=default, metadata={"check": check, "doc": doc})
+
+
+@attrs.frozen
+class ListenConfig:
+    tls: str = _field(endpoint, "tcp:28318", "TLS listener (port or endpoint description).")
+    plain: str = _field(endpoint, "tcp:28317", "Plain listener for the admin app.")
+
+
+@attrs.frozen
+class TLSConfig:
+    certificate: str | None = _field(optional_path, None, "PEM chain for *.<hostname> and <hostname>.")
+    private_key: str | None = _field(optional_path, None, "PEM private key of the certificate.")
+    handshake_timeout: float = _field(positive_number, 10.0, "Seconds from accept to a finished handshake.")
+    max_client_hello_bytes: int = _field(positive_int, 32768, "Largest ClientHello accepted.")
+    reload_interval: float = _field(positive_number, 1.0, "Seconds between checks of the certificate files.")
+
+
+@attrs.frozen
+class DirectoryConfig:
+    file: str | None = _field(optional_path, None, "Directory file; unset serves the built-in demo shard.")
+    poll_interval: float = _field(positive_number, 0.5, "Seconds between checks of the directory file.")
+
+
+@attrs.frozen
+class TCPConfig:
+    connect_timeout: float = _field(positive_number, 5.0, "Seconds to connect to a shard's port.")
+    idle_timeout: float = _field(positive_number, 3600.0, "Seconds without bytes either way before a splice is closed.")
+
+
+@attrs.frozen
+class LogConfig:
+    format: str = _field(one_of("text", "json"), "text", "Log line format.")
+    level: str = _field(one_of("debug", "info", "warn", "error", "critical"), "info", "Lowest level logged.")
+    access_log: bool = _field(boolean, True, "One line per closed connection.")
+
+
+@attrs.frozen
+class GatewayConfig:
+    hostname: str = _field(hostname, "localhost", "The wildcard base name.")
+    state_dir: str = _field(path, "./state", "Where the local CA and other state live (created 0700).")
+    listen: ListenConfig = attrs.field(factory=ListenConfig)
+    tls: TLSConfig = attrs.field(factory=TLSConfig)
+    directory: DirectoryConfig = attrs.field(factory=DirectoryConfig)
+    tcp: TCPConfig = attrs.field(factory=TCPConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
+    source: str = attrs.field(default="<defaults>", metadata={"internal": True})
+
+
+def _is_section(f: attrs.Attribute) -> bool:
+    return isinstance(f.type, str) and f.type.endswith("Config") or (
+        isinstance(f.type, type) and attrs.has(f.type))
+
+
+_SECTIONS: dict[str, type] = {
+    "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
+    "tcp": TCPConfig, "log": LogConfig,
+}
+
+
+def _build(cls: type, doc: Any, source: str, prefix: str) -> Any:
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(source, prefix.rstrip(".") or "top level", "expected a mapping")
+    known = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")}
+    for key in doc:
+        if key not in known:
+            raise ConfigError(source, f"{prefix}{key}",
+                              f"unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for name, f in known.items():
+        if name in _SECTIONS and cls is GatewayConfig:
+            values[name] = _build(_SECTIONS[name], doc.get(name), source, f"{prefix}{name}.")
+        elif name in doc:
+            try:
+                values[name] = f.metadata["check"](doc[name])
+            except ValueError as e:
+                raise ConfigError(source, f"{prefix}{name}", str(e)) from None
+    return cls(**values)
+
+
+def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> GatewayConfig:
+    """Read C{path_} (or start from defaults) and apply C{overrides} ({"tls.certificate": ...})."""
+    doc: dict[str, Any] = {}
+    source = "<defaults>"
+    if path_ is not None:
+        source = path_
+        try:
+            with open(path_, "rb") as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(path_, "", f"cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            raise ConfigError(path_, "", f"{where}not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(path_, "", "expected a mapping at the top level")
+        doc = loaded or {}
+    config = _build(GatewayConfig, doc, source, "")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.rpartition(".")
+        where = f"--{dotted.replace('.', '-').replace('_', '-')}"
+        cls = _SECTIONS[section] if section else GatewayConfig
+        f = attrs.fields_dict(cls)[key]
+        try:
+            checked = f.metadata["check"](value)
+        except ValueError as e:
+            raise ConfigError("command line", where, str(e)) from None
+        if section:
+            config = attrs.evolve(config, **{section: attrs.evolve(getattr(config, section), **{key: checked})})
+        else:
+            config = attrs.evolve(config, **{key: checked})
+    if (config.tls.certificate is None) != (config.tls.private_key is None):
+        raise ConfigError(source, "tls.private_key" if config.tls.private_key is None else "tls.certificate",
+                          "tls.certificate and tls.private_key must be set together")
+    # Relative paths in the file are relative to the file's directory.
+    if path_ is not None:
+        base = os.path.dirname(os.path.abspath(path_))
+
+        def rel(p: str | None) -> str | None:
+            return None if p is None else os.path.join(base, p)
+        fields_from_file = doc.get("tls") or {}
+        if "certificate" in fields_from_file and "tls.certificate" not in (overrides or {}):
+            config = attrs.evolve(config, tls=attrs.evolve(config.tls, certificate=rel(config.tls.certificate)))
+        if "private_key" in fields_from_file and "tls.private_key" not in (overrides or {}):
+            config = attrs.evolve(config, tls=attrs.evolve(config.tls, private_key=rel(config.tls.private_key)))
+        if "file" in (doc.get("directory") or {}) and "directory.file" not in (overrides or {}):
+            config = attrs.evolve(config, directory=attrs.evolve(config.directory, file=rel(config.directory.file)))
+        if "state_dir" in doc and "state_dir" not in (overrides or {}):
+            config = attrs.evolve(config, state_dir=rel(config.state_dir))
+    return attrs.evolve(config, source=source)
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every key, for docs and --help."""
+    out = []
+    for f in attrs.fields(GatewayConfig):
+        if f.metadata.get("internal"):
+            continue
+        if f.name in _SECTIONS:
+            for sub in attrs.fields(_SECTIONS[f.name]):
+                out.append((f"{f.name}.{sub.name}", sub.default, sub.metadata["doc"]))
+        else:
+            out.append((f.name, f.default, f.metadata["doc"]))
+    return out

@@ -1,0 +1,1 @@
+"""The shard directory: the model, its interface and its providers."""

@@ -1,0 +1,248 @@
+"""
+The TLS listener's protocol: peek at the ClientHello, decide the route, then terminate TLS with
+the route's context and hand the plaintext to the route's handler.
+
+Deciding before TLS starts (instead of in OpenSSL's servername callback) gives one place for
+the handshake deadline and the ClientHello size bound, lets an unknown name be refused with a
+single alert record without any TLS state, and leaves room for routes that need an
+asynchronous step.  After the decision the protocol's C{dataReceived} is replaced by the TLS
+engine's, so the relay path has no extra Python call per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_gateway import clienthello as ch
+from twisted_gateway import metrics
+from twisted_gateway.directory.model import Refusal, Route
+from twisted_gateway.names import Foreign, GatewayHost, ShardName, parse_name
+from twisted_gateway.splice import Splice
+from twisted_gateway.tls.connection import TLSServerConnection
+from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL
+
+_HTTP_ALPN = (b"h2", b"http/1.1")
+_BAD_REQUEST_HTTP = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\nContent-Length: 51\r\n\r\n"
+    b"This port speaks TLS: use https:// with a SNI name\n"
+)
+
+
+@implementer(IHalfCloseableProtocol)
+class FrontDoor(Protocol):
+    log = Logger()
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+        self.reactor = gateway.reactor
+        self.outcome = "handshake_failed"
+        self.server_name: str | None = None
+        self.route: Route | None = None
+        self.splice: Splice | None = None
+        self._tls: TLSServerConnection | None = None
+        self._reader: ch.ClientHelloReader | None = None
+        self._timer: Any = None
+        self._timed_out = False
+
+    # -- before TLS ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        metrics.CONNECTIONS_ACCEPTED_TLS.inc()
+        metrics.CONNECTIONS_ACTIVE.inc()
+        self._accepted = self.reactor.seconds()
+        self._reader = ch.ClientHelloReader(self.gateway.config.tls.max_client_hello_bytes)
+        self._timer = self.reactor.callLater(self.gateway.config.tls.handshake_timeout,
+                                             self._handshake_timed_out)
+        self.transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is None:
+            return  # already refused; ignore what is still in flight
+        result = reader.feed(data)
+        if result is ch.NEED_MORE:
+            return
+        if isinstance(result, ch.HelloError):
+            self._reader = None
+            self._refuse_hello(result)
+            return
+        assert isinstance(result, ch.ClientHello)
+        self._route(result)
+
+    def _refuse_hello(self, err: ch.HelloError) -> None:
+        metrics.HANDSHAKE_FAILURES.labels(reason=err.reason).inc()
+        self.log.debug("refused {peer}: {detail}", peer=self._peer(), detail=err.detail)
+        if err.reason == "http_on_tls_port":
+            self.transport.write(_BAD_REQUEST_HTTP)
+        elif err.reason == "not_tls":
+            self.transport.write(ch.alert_record(ch.ALERT_PROTOCOL_VERSION))
+        else:
+            self.transport.write(ch.alert_record(ch.ALERT_DECODE_ERROR))
+        self._close_now()
+
+    def _refuse_alert(self, reason: str, alert: int) -> None:
+        metrics.ROUTE_REFUSALS.labels(reason=reason).inc()
+        self.outcome = "refused"
+        self.log.debug("refused {peer} for {name}: {reason}", peer=self._peer(),
+                       name=self.server_name, reason=reason)
+        self.transport.write(ch.alert_record(alert))
+        self._close_now()
+
+    def _close_now(self) -> None:
+        self._reader = None
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _route(self, hello: ch.ClientHello) -> None:
+        name = hello.server_name
+        self.server_name = name
+        if name is None:
+            self._refuse_alert("no_sni", ch.ALERT_UNRECOGNIZED_NAME)
+            return
+        parsed = parse_name(name, self.gateway.hostname)
+        if isinstance(parsed, Foreign):
+            self._refuse_alert("unknown_name", ch.ALERT_UNRECOGNIZED_NAME)
+            return
+        if isinstance(parsed, GatewayHost):
+            self.outcome = "api"
+            self._start_tls(name, _HTTP_ALPN, self.gateway.api_site.buildProtocol(self.transport.getPeer()))
+            return
+        assert isinstance(parsed, ShardName)
+        result = self.gateway.directory.current().resolve(parsed.candidates)
+        if isinstance(result, Refusal):
+            self._refuse_route(name, hello, result)
+            return
+        self.route = result
+        if result.port.protocol == "tcp" and not result.port.public:
+            self._refuse_route(name, hello, Refusal(
+                "private_port", f"port {result.port.port} of {result.shard.hostname_label} is private"),
+                alert=ch.ALERT_ACCESS_DENIED)
+            return
+        self.outcome = "tcp" if result.port.protocol == "tcp" else "http"
+        self.splice = Splice(result, self.reactor, self.gateway.config.tcp.connect_timeout,
+                             self.gateway.config.tcp.idle_timeout, self._upstream_failed)
+        self.splice.connect()
+        self._start_tls(name, ALPN_FOR_PROTOCOL[result.port.protocol], self.splice.client)
+
+    def _refuse_route(self, name: str, hello: ch.ClientHello, refusal: Refusal,
+                      alert: int = ch.ALERT_UNRECOGNIZED_NAME) -> None:
+        offered_http = any(p in _HTTP_ALPN for p in hello.alpn)
+        if not offered_http:
+            self._refuse_alert(refusal.reason, alert)
+            return
+        # A client that speaks HTTP gets a page that says what was not found.
+        metrics.ROUTE_REFUSALS.labels(reason=refusal.reason).inc()
+        self.outcome = "refused"
+        self.log.debug("refused {peer} for {name}: {detail}", peer=self._peer(), name=name,
+                       detail=refusal.detail)
+        site = self.gateway.error_site(refusal.http_status, refusal.reason, refusal.detail)
+        self._start_tls(name, _HTTP_ALPN, site.buildProtocol(self.transport.getPeer()))
+
+    def _upstream_failed(self, why: str) -> None:
+        self.outcome = "upstream_failed"
+
+    # -- TLS -----------------------------------------------------------------------------
+
+    def _start_tls(self, name: str, protocols: tuple[bytes, ...], handler: Any) -> None:
+        ctx = self.gateway.contexts.context_for(name, protocols)
+        if ctx is None:
+            self._refuse_alert("no_certificate", ch.ALERT_UNRECOGNIZED_NAME)
+            return
+        reader, self._reader = self._reader, None
+        assert reader is not None
+        tls = TLSServerConnection(self.transport, SSL.Connection(ctx, None), handler,
+                                  self._handshake_completed, self._handshake_failed)
+        self._tls = tls
+        self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]
+        tls.start(reader.buffered)
+
+    def _handshake_completed(self, tls: TLSServerConnection) -> None:
+        self._cancel_timer()
+        metrics.HANDSHAKE_SECONDS.observe(self.reactor.seconds() - self._accepted)
+
+    def _handshake_failed(self, tls: TLSServerConnection, reason: str, exc: Exception | None) -> None:
+        self._cancel_timer()
+        if self._timed_out:
+            return  # counted as a timeout already
+        metrics.HANDSHAKE_FAILURES.labels(reason=reason).inc()
+        if self.outcome not in ("refused", "upstream_failed"):
+            self.outcome = "handshake_failed"
+        self.log.debug("TLS handshake with {peer} for {name} failed: {reason} {error}",
+                       peer=self._peer(), name=self.server_name, reason=reason, error=exc or "")
+        if self.splice is not None:
+            self.splice.client_lost(Failure(ConnectionError(reason)))
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        metrics.HANDSHAKE_FAILURES.labels(reason="timeout").inc()
+        self.outcome = "handshake_failed"
+        self.log.debug("TLS handshake with {peer} timed out", peer=self._peer())
+        self._timed_out = True
+        if self.splice is not None:
+            self.splice.client_lost(Failure(TimeoutError("handshake")))
+        self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    # -- connection end ----------------------------------------------------------------------
+
+    def readConnectionLost(self) -> None:
+        if self._tls is not None:
+            self._tls.raw_read_connection_lost()
+        elif self._reader is not None:
+            # The client went away mid-ClientHello.
+            metrics.HANDSHAKE_FAILURES.labels(reason="client_closed").inc()
+            self._close_now()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancel_timer()
+        if self._reader is not None:
+            self._reader = None
+            metrics.HANDSHAKE_FAILURES.labels(reason="client_closed").inc()
+        metrics.CONNECTIONS_ACTIVE.dec()
+        metrics.CONNECTIONS_CLOSED.labels(outcome=self.outcome).inc()
+        if self._tls is not None:
+            self._tls.raw_connection_lost(reason)
+        if self.gateway.config.log.access_log:
+            self._access_log()
+
+    def _peer(self) -> str:
+        peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    def _access_log(self) -> None:
+        route = self.route
+        splice = self.splice
+        self.log.info(
+            "access {client} sni={sni} outcome={outcome} shard={shard} port={port} "
+            "up={bytes_up} down={bytes_down} duration={duration:.3f}",
+            event_kind="access", client=self._peer(), sni=self.server_name, outcome=self.outcome,
+            shard=route.shard.id if route else None, port=route.port.port if route else None,
+            bytes_up=splice.bytes_up if splice else 0, bytes_down=splice.bytes_down if splice else 0,
+            duration=self.reactor.seconds() - self._accepted)
+
+
+class FrontDoorFactory(Factory):
+    protocol = FrontDoor  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    def buildProtocol(self, addr: Any) -> FrontDoor:
+        return FrontDoor(self.gateway)

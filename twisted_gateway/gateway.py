@@ -1,0 +1,147 @@
+"""
+Wiring: one L{Gateway} holds the configuration, the directory, the certificate contexts and the
+listeners, and builds the service tree that twistd runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
+
+from twisted_gateway import logs
+from twisted_gateway.admin import AdminApp
+from twisted_gateway.config import GatewayConfig
+from twisted_gateway.directory.file import FileDirectoryProvider
+from twisted_gateway.directory.interfaces import ShardDirectory
+from twisted_gateway.frontdoor import FrontDoorFactory
+from twisted_gateway.http.errors import ErrorResource, error_site, quiet_site
+from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource
+from twisted_gateway.tls.files import ensure_private_dir
+from twisted_gateway.tls.localca import LocalCA
+
+
+class ListenerService(Service):
+    """Listen on an endpoint description in privilegedStartService; record the bound address."""
+
+    log = Logger()
+
+    def __init__(self, name: str, reactor: Any, description: str, factory: Any) -> None:
+        self.name = name
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        endpoint = serverFromString(self.reactor, self.description)
+        results: list[Any] = []
+        endpoint.listen(self.factory).addBoth(results.append)
+        if not results:
+            raise RuntimeError(f"{self.name} listener {self.description} did not bind synchronously")
+        if not hasattr(results[0], "getHost"):
+            message = f"gateway: cannot listen for {self.name} on {self.description}: " \
+                      f"{results[0].getErrorMessage()}"
+            sys.stderr.write(message + "\n")
+            raise SystemExit(1)
+        self.port = results[0]
+        host = self.port.getHost()
+        self.log.info("{listener} listener on {host}:{port}", listener=self.name,
+                      host=getattr(host, "host", "?"), port=getattr(host, "port", "?"),
+                      event_kind="listening")
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class GatewayService(MultiService):
+    """The root service; when parented to a twistd Application it installs the log observer."""
+
+    def __init__(self, observer: Any, on_start: Any = None) -> None:
+        super().__init__()
+        self.observer = observer
+        self.on_start = on_start
+
+    def startService(self) -> None:
+        super().startService()
+        if self.on_start is not None:
+            self.on_start()
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)
+
+
+class Gateway:
+    log = Logger()
+
+    def __init__(self, config: GatewayConfig, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.hostname = config.hostname
+        self.directory = ShardDirectory()
+        self.services: list[Service] = []
+        ensure_private_dir(config.state_dir)
+        if config.tls.certificate is not None:
+            assert config.tls.private_key is not None
+            source = StaticFileSource(config.tls.certificate, config.tls.private_key,
+                                      config.tls.reload_interval)
+            self.services.append(source)
+            self.local_ca: LocalCA | None = None
+            self.contexts = ContextCache(source)
+        else:
+            self.local_ca = LocalCA(config.state_dir)
+            self.contexts = ContextCache(LocalCASource(self.local_ca, self.hostname))
+        self.api_site = quiet_site(ErrorResource(404, "not_found", "the gateway API has no such route"))
+        if config.directory.file is not None:
+            self.services.append(FileDirectoryProvider(
+                config.directory.file, self.directory, config.directory.poll_interval))
+        else:
+            from twisted_gateway.demo import DemoService
+            self.services.append(DemoService(reactor, self.directory, self.hostname))
+        self.tls_listener = ListenerService("tls", reactor, config.listen.tls, FrontDoorFactory(self))
+        self.admin = AdminApp(self.readiness)
+        self.plain_listener = ListenerService("plain", reactor, config.listen.plain,
+                                              quiet_site(self.admin.resource()))
+        self.services += [self.tls_listener, self.plain_listener]
+
+    def error_site(self, status: int, code: str, message: str) -> Any:
+        return error_site(status, code, message)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        reasons = []
+        if self.tls_listener.port is None:
+            reasons.append("TLS listener not bound")
+        if not self.directory.loaded():
+            reasons.append("shard directory not loaded")
+        return (not reasons, {"reasons": reasons, "shards": len(self.directory.current())})
+
+    def service(self) -> GatewayService:
+        root = GatewayService(logs.make_observer(self.config.log.format, self.config.log.level),
+                              self._announce)
+        for s in self.services:
+            s.setServiceParent(root)
+        return root
+
+    def _announce(self) -> None:
+        if self.local_ca is not None:
+            self.log.info("local development CA: {path} (curl --cacert {path})",
+                          path=os.path.abspath(self.local_ca.cert_path))

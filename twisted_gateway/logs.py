@@ -1,0 +1,87 @@
+"""
+Log observers for text and JSON lines, filtered by level, with secrets redacted.
+
+Events are twisted.logger events; the JSON form carries the event's own fields (those that are
+JSON-serializable) so that log pipelines can filter on ``event_kind``, ``shard`` and so on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
+)
+from zope.interface import implementer
+
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+           "error": LogLevel.error, "critical": LogLevel.critical}
+
+# Field names whose values are never logged, and patterns scrubbed from formatted messages.
+SECRET_FIELDS = frozenset({"token", "authorization", "cookie", "password", "secret", "private_key"})
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)((?:token|__host-[a-z0-9_-]+|authorization|cookie)=)[^\s;&\"]+"),
+    re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
+]
+
+
+def redact(text: str) -> str:
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[redacted]", text)
+    return text
+
+
+def _message(event: dict[str, Any]) -> str:
+    safe = {k: ("[redacted]" if k in SECRET_FIELDS else v) for k, v in event.items()}
+    text = formatEvent(safe) or ""
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = f"{text}\n{failure.getTraceback()}" if text else failure.getTraceback()
+    return redact(text)
+
+
+@implementer(ILogObserver)
+class TextObserver:
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
+        self.out.write(f"{stamp}Z {level.name:<5} [{event.get('log_namespace', '-')}] {_message(event)}\n")
+        self.out.flush()
+
+
+@implementer(ILogObserver)
+class JSONObserver:
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        record: dict[str, Any] = {
+            "time": event.get("log_time", time.time()),
+            "level": event.get("log_level", LogLevel.info).name,
+            "namespace": event.get("log_namespace", "-"),
+            "message": _message(event),
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in record or key in ("format", "message", "system", "isError", "printed", "why"):
+                continue
+            if key in SECRET_FIELDS:
+                record[key] = "[redacted]"
+            elif isinstance(value, (str, int, float, bool)) or value is None:
+                record[key] = redact(value) if isinstance(value, str) else value
+        self.out.write(json.dumps(record, default=str) + "\n")
+        self.out.flush()
+
+
+def make_observer(fmt: str, level: str, out: IO[str] | None = None) -> ILogObserver:
+    out = out or sys.stdout
+    base = JSONObserver(out) if fmt == "json" else TextObserver(out)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
+    return FilteringLogObserver(base, [predicate])

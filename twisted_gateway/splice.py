@@ -1,0 +1,276 @@
+"""
+The TCP relay between a client's decrypted stream and a shard's port.
+
+Each side is registered as the other's streaming producer, so a side that stops reading pauses
+the other side's socket and memory stays bounded by the transports' buffers.  End-of-stream is
+carried as a half-close in each direction (TLS close_notify or TCP FIN in, FIN or close_notify
+out) and the splice ends once both directions have ended or either side is lost; a side that
+is lost has its peer closed only after the peer's buffered bytes are written.
+
+Bytes are counted in plain integers on the hot path and added to the Prometheus counters when
+a splice ends or when /metrics is scraped (L{flush_metrics}).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import error
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_gateway import metrics
+from twisted_gateway.directory.model import Route
+
+_ACTIVE: set[Splice] = set()
+
+
+def flush_metrics() -> None:
+    """Move every live splice's byte counts into the Prometheus counters."""
+    for splice in list(_ACTIVE):
+        splice.flush_counts()
+
+
+def _connect_failure_reason(reason: Failure) -> str:
+    if reason.check(error.ConnectionRefusedError):
+        return "refused"
+    if reason.check(error.TimeoutError, error.TCPTimedOutError):
+        return "timeout"
+    if reason.check(error.DNSLookupError):
+        return "dns"
+    if reason.check(error.NoRouteError, error.ConnectError):
+        return "unreachable"
+    return "error"
+
+
+@implementer(IHalfCloseableProtocol)
+class _ClientSide(Protocol):
+    """The application protocol on the client's TLS connection."""
+
+    def __init__(self, splice: Splice) -> None:
+        self.splice = splice
+
+    def connectionMade(self) -> None:
+        self.splice.client_connected(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.splice.from_client(data)
+
+    def readConnectionLost(self) -> None:
+        self.splice.client_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.splice.client_lost(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class _UpstreamSide(Protocol):
+    def __init__(self, splice: Splice) -> None:
+        self.splice = splice
+
+    def connectionMade(self) -> None:
+        self.splice.upstream_connected(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.splice.from_upstream(data)
+
+    def readConnectionLost(self) -> None:
+        self.splice.upstream_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.splice.upstream_lost(reason)
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, splice: Splice) -> None:
+        self.splice = splice
+
+    def buildProtocol(self, addr: Any) -> _UpstreamSide:
+        return _UpstreamSide(self.splice)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.splice.upstream_failed(reason)
+
+
+class Splice:
+    """One client connection relayed to one shard port."""
+
+    log = Logger()
+
+    def __init__(self, route: Route, reactor: Any, connect_timeout: float, idle_timeout: float,
+                 on_upstream_failed: Callable[[str], None] | None = None) -> None:
+        self.route = route
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.on_upstream_failed = on_upstream_failed
+        self.client = _ClientSide(self)
+        self.client_transport: Any = None
+        self.upstream_transport: Any = None
+        self._connector: Any = None
+        self._pending: list[bytes] = []
+        self._client_eof = False
+        self._upstream_eof = False
+        self._done = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._flushed_up = 0
+        self._flushed_down = 0
+        self._idle_call: Any = None
+        self._idle_mark = (0, 0)
+        self._last_active = 0.0
+        self.failure_reason: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Start connecting to the shard; may run while the client's handshake is in flight."""
+        _ACTIVE.add(self)
+        self._started = self.reactor.seconds()
+        self._connector = self.reactor.connectTCP(
+            self.route.shard.address, self.route.port.target_port, _UpstreamFactory(self),
+            timeout=self.connect_timeout)
+
+    def client_connected(self, transport: Any) -> None:
+        self.client_transport = transport
+        if self._done:
+            transport.loseConnection()
+            return
+        if self.upstream_transport is None:
+            # Hold the client until the shard answers; at most one read is buffered.
+            transport.pauseProducing()
+        else:
+            self._wire()
+
+    def upstream_connected(self, transport: Any) -> None:
+        metrics.UPSTREAM_CONNECT_SECONDS.observe(self.reactor.seconds() - self._started)
+        self._connector = None
+        self.upstream_transport = transport
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+        if self._done:
+            transport.loseConnection()
+            return
+        if self.client_transport is not None:
+            self._wire()
+
+    def _wire(self) -> None:
+        client, upstream = self.client_transport, self.upstream_transport
+        client.registerProducer(upstream, True)
+        upstream.registerProducer(client, True)
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            upstream.write(chunk)
+        if self._client_eof:
+            upstream.loseWriteConnection()
+        client.resumeProducing()
+        self._last_active = self.reactor.seconds()
+        self._idle_call = self.reactor.callLater(self._idle_period(), self._check_idle)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        if self.upstream_transport is None:
+            self._pending.append(data)
+        else:
+            self.upstream_transport.write(data)
+
+    def from_upstream(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        self.client_transport.write(data)
+
+    # -- end of stream -------------------------------------------------------------------------
+
+    def client_eof(self) -> None:
+        self._client_eof = True
+        if self.upstream_transport is not None:
+            self.upstream_transport.loseWriteConnection()
+        self._maybe_finish()
+
+    def upstream_eof(self) -> None:
+        self._upstream_eof = True
+        if self.client_transport is not None:
+            self.client_transport.loseWriteConnection()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._client_eof and self._upstream_eof:
+            self._finish()
+
+    def client_lost(self, reason: Failure) -> None:
+        self.client_transport = None
+        if self._connector is not None:
+            self._connector.stopConnecting()
+            self._connector = None
+        self._finish()
+
+    def upstream_lost(self, reason: Failure) -> None:
+        self.upstream_transport = None
+        self._finish()
+
+    def upstream_failed(self, reason: Failure) -> None:
+        self._connector = None
+        if self._done:
+            return  # we cancelled it because the client left
+        why = _connect_failure_reason(reason)
+        self.failure_reason = why
+        metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=why).inc()
+        self.log.warn("upstream {shard} {address}:{port} failed: {why} ({error})",
+                      shard=self.route.shard.id, address=self.route.shard.address,
+                      port=self.route.port.target_port, why=why,
+                      error=reason.getErrorMessage())
+        if self.on_upstream_failed is not None:
+            self.on_upstream_failed(why)
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._idle_call is not None and self._idle_call.active():
+                self._idle_call.cancel()
+            self.flush_counts()
+            _ACTIVE.discard(self)
+        # loseConnection writes out what is buffered before closing.
+        for t in (self.client_transport, self.upstream_transport):
+            if t is not None:
+                t.loseConnection()
+
+    # -- idle timeout and counters -------------------------------------------------------------
+
+    def _idle_period(self) -> float:
+        return max(self.idle_timeout / 4, 0.05)
+
+    def _check_idle(self) -> None:
+        now = self.reactor.seconds()
+        mark = (self.bytes_up, self.bytes_down)
+        if mark != self._idle_mark:
+            self._idle_mark = mark
+            self._last_active = now
+        elif now - self._last_active >= self.idle_timeout:
+            self.log.info("closing idle splice to {shard} after {seconds:.0f}s",
+                          shard=self.route.shard.id, seconds=now - self._last_active)
+            self._idle_call = None
+            self._finish()
+            return
+        self._idle_call = self.reactor.callLater(self._idle_period(), self._check_idle)
+
+    def flush_counts(self) -> None:
+        up, down = self.bytes_up - self._flushed_up, self.bytes_down - self._flushed_down
+        if up:
+            metrics.RELAYED_UPSTREAM.inc(up)
+            self._flushed_up = self.bytes_up
+        if down:
+            metrics.RELAYED_DOWNSTREAM.inc(down)
+            self._flushed_down = self.bytes_down

@@ -1,0 +1,71 @@
+"""
+The twistd-facing part: command-line options and makeService.
+
+Command-line flags override the configuration file.  A bad flag or file stops start-up with one
+line on stderr naming the file (or flag), the key and the problem, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from twisted_gateway import __version__
+from twisted_gateway.config import ConfigError, GatewayConfig, load_config
+
+_FLAG_TO_KEY = {
+    "hostname": "hostname",
+    "tls-port": "listen.tls",
+    "plain-port": "listen.plain",
+    "tls-certificate": "tls.certificate",
+    "tls-private-key": "tls.private_key",
+    "directory": "directory.file",
+    "state-dir": "state_dir",
+    "log-format": "log.format",
+    "log-level": "log.level",
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run twisted-gateway: a TLS front door that routes <label>-<port>.<hostname> "
+                "to shard containers. Flags override the configuration file; see "
+                "docs/configuration.md for every key.")
+
+    optParameters = [
+        ["config", "c", None, "YAML configuration file."],
+        ["hostname", None, None, "Gateway hostname; shards are <label>-<port>.<hostname> [default: localhost]."],
+        ["tls-port", None, None, "TLS listener: a port number or a Twisted endpoint description "
+                                 "(e.g. tcp6:28318:interface=\\:\\:) [default: 28318]."],
+        ["plain-port", None, None, "Plain listener for the admin app (/healthz, /readyz, /metrics) "
+                                   "[default: 28317]."],
+        ["tls-certificate", None, None, "PEM certificate chain for *.<hostname> and <hostname>; "
+                                        "unset uses the local development CA."],
+        ["tls-private-key", None, None, "PEM private key of --tls-certificate."],
+        ["directory", None, None, "Shard directory file (YAML or JSON), watched for changes; "
+                                  "unset serves the built-in demo shard."],
+        ["state-dir", None, None, "State directory (local CA, certificates) [default: ./state]."],
+        ["log-format", None, None, "Log format: text or json [default: text]."],
+        ["log-level", None, None, "Lowest level logged: debug, info, warn, error, critical [default: info]."],
+    ]
+
+    def opt_version(self) -> None:
+        """Show the version and exit."""
+        print(f"twisted-gateway {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        overrides = {key: self[flag] for flag, key in _FLAG_TO_KEY.items() if self[flag] is not None}
+        try:
+            self.config: GatewayConfig = load_config(self["config"], overrides)
+        except ConfigError as e:
+            sys.stderr.write(f"gateway: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
+
+
+def makeService(options: Options) -> Any:
+    from twisted_gateway.gateway import Gateway
+    return Gateway(options.config).service()

@@ -1,0 +1,1 @@
+"""TLS: the server connection engine, certificate sources and per-route contexts."""

@@ -1,0 +1,263 @@
+"""
+The server side of one TLS connection over a memory BIO, started from bytes already read.
+
+Twisted's C{TLSMemoryBIOProtocol} cannot be used here for two reasons: it answers a peer's
+close_notify by closing the whole connection, while a splice must carry it as a half-close
+(TLS 1.3, RFC 8446 section 6.1, lets each side close its write direction on its own); and it
+cannot be started from a ClientHello that the front door has already consumed.  This class
+is a transport for the application protocol (splice, HTTP) and is fed raw bytes by the front
+door.  Writes are encrypted and handed to the TCP transport at once, so that transport's
+buffer and producer machinery give backpressure in both directions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IConsumer, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITransport,
+)
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+# One TLS record carries at most 16 KiB of plaintext; SSL_read returns one record per call.
+_RECV_SIZE = 64 * 1024
+# Ciphertext waiting in the outgoing BIO after a large write.
+_BIO_READ_SIZE = 256 * 1024
+
+
+@implementer(ITransport, ISSLTransport, IConsumer, IPushProducer)
+class TLSServerConnection:
+    """
+    @ivar protocol: the application protocol; connected (C{makeConnection}) only once the
+        handshake has completed.
+    """
+
+    disconnecting = False
+    connected = True
+
+    def __init__(self, transport: Any, connection: SSL.Connection, protocol: Any,
+                 on_handshake: Callable[[TLSServerConnection], None],
+                 on_failure: Callable[[TLSServerConnection, str, Exception | None], None]) -> None:
+        self.transport = transport
+        self._conn = connection
+        self.protocol = protocol
+        self._on_handshake = on_handshake
+        self._on_failure = on_failure
+        self.handshake_done = False
+        self._pending: list[bytes] = []
+        self._paused = False
+        self._read_closed = False
+        self._write_closed = False
+        self._lost = False
+        self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
+
+    # -- fed by the front door -------------------------------------------------------------
+
+    def start(self, initial: bytes) -> None:
+        self._conn.set_accept_state()
+        self.raw_data_received(initial)
+
+    def raw_data_received(self, data: bytes) -> None:
+        self._conn.bio_write(data)
+        if not self.handshake_done:
+            self._advance_handshake()
+        elif not self._paused:
+            self._drain()
+
+    def raw_read_connection_lost(self) -> None:
+        """The peer's TCP FIN: whatever is in the BIO is all there will be."""
+        if not self.handshake_done:
+            self._fail("client_closed", None)
+            return
+        self._drain()
+        if not self._read_closed and not self._lost:
+            # EOF without close_notify: a truncation by the strict reading of TLS, but
+            # clients that half-close TCP directly are common; carry it as end-of-stream.
+            self._read_closed = True
+            self._deliver_read_closed()
+
+    def raw_connection_lost(self, reason: Failure) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.connected = False
+        if not self.handshake_done:
+            self._on_failure(self, "client_closed", None)
+            return
+        self.protocol.connectionLost(reason)
+
+    # -- TLS engine ----------------------------------------------------------------------
+
+    def _advance_handshake(self) -> None:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return
+        except SSL.Error as e:
+            self._flush()  # carries the alert OpenSSL generated
+            self._fail("tls_error", e)
+            return
+        self.handshake_done = True
+        self._flush()  # Finished / NewSessionTicket
+        self._on_handshake(self)
+        if self._lost:
+            return
+        self.protocol.makeConnection(self)
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            self.write(chunk)
+        if not self._paused:
+            self._drain()
+
+    def _fail(self, reason: str, error: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.connected = False
+        self._on_failure(self, reason, error)
+        self.transport.loseConnection()
+
+    def _drain(self) -> None:
+        recv = self._conn.recv
+        deliver = self.protocol.dataReceived
+        while not self._paused and not self._read_closed and not self._lost:
+            try:
+                data = recv(_RECV_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                # close_notify: the peer will send nothing more; it may still read.
+                self._read_closed = True
+                self._flush()
+                self._deliver_read_closed()
+                return
+            except SSL.Error:
+                self._flush()
+                self._lost = True
+                self.transport.abortConnection()
+                return
+            deliver(data)
+        self._flush()
+
+    def _deliver_read_closed(self) -> None:
+        if self._half_closeable:
+            self.protocol.readConnectionLost()
+        else:
+            self.loseConnection()
+
+    def _flush(self) -> None:
+        bio_read = self._conn.bio_read
+        out = []
+        while True:
+            try:
+                out.append(bio_read(_BIO_READ_SIZE))
+            except SSL.WantReadError:
+                break
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    # -- ITransport for the application protocol -----------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.handshake_done:
+            self._pending.append(data)
+            return
+        if self._write_closed or self._lost or not data:
+            return
+        send = self._conn.send
+        view = memoryview(data)
+        try:
+            while view:
+                sent = send(view)
+                view = view[sent:]
+        except SSL.Error:
+            self._lost = True
+            self.transport.abortConnection()
+            return
+        self._flush()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        """Send close_notify and shut the TCP write side; keep reading."""
+        if self._write_closed or self._lost:
+            return
+        self._write_closed = True
+        self._shutdown_tls()
+        self.transport.loseWriteConnection()
+
+    def loseConnection(self) -> None:
+        if self.disconnecting or self._lost:
+            return
+        self.disconnecting = True
+        if not self.handshake_done:
+            self.transport.abortConnection()
+            return
+        if not self._write_closed:
+            self._write_closed = True
+            self._shutdown_tls()
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        self.transport.abortConnection()
+
+    def _shutdown_tls(self) -> None:
+        try:
+            self._conn.shutdown()
+        except SSL.Error:
+            pass
+        self._flush()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def getHandle(self) -> SSL.Connection:
+        return self._conn
+
+    def getPeerCertificate(self) -> Any:
+        return self._conn.get_peer_certificate()
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        proto = self._conn.get_alpn_proto_negotiated()
+        return proto or None
+
+    @property
+    def server_name(self) -> str | None:
+        name = self._conn.get_servername()
+        return name.decode("ascii") if name else None
+
+    # -- producer / consumer ---------------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        self.transport.resumeProducing()
+        if self.handshake_done and not self._lost:
+            self._drain()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+
+__all__ = ["TLSServerConnection", "ConnectionDone", "ConnectionLost"]

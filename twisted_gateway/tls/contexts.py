@@ -1,0 +1,221 @@
+"""
+Certificate sources and the per-route OpenSSL contexts built from them.
+
+The front door knows the SNI name and the route's protocol before TLS starts, so it asks
+L{ContextCache.context_for} for a context holding the right certificate and offering the
+right ALPN protocols; nothing is decided inside OpenSSL's callbacks except the ALPN pick.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from twisted_gateway import metrics
+from twisted_gateway.tls.localca import KeyPair, LocalCA
+
+# TLS 1.2 suites with forward secrecy and AEAD only; TLS 1.3 suites are OpenSSL's defaults.
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+ALPN_FOR_PROTOCOL: dict[str, tuple[bytes, ...]] = {
+    "tcp": (),
+    "http/1.1": (b"http/1.1",),
+    "h2": (b"h2", b"http/1.1"),
+}
+
+
+class CertificateError(ValueError):
+    pass
+
+
+class ICertificateSource(Interface):
+    def pair_for(name: str) -> KeyPair | None:
+        """The certificate chain and key to present for C{name}, or None."""
+
+    def generation() -> int:
+        """A number that changes whenever the source's certificates change."""
+
+
+def load_pair(cert_path: str, key_path: str) -> KeyPair:
+    """Load a PEM chain and key; raise L{CertificateError} with a readable reason."""
+    try:
+        with open(cert_path, "rb") as f:
+            chain = tuple(x509.load_pem_x509_certificates(f.read()))
+    except OSError as e:
+        raise CertificateError(f"{cert_path}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise CertificateError(f"{cert_path}: not a PEM certificate chain ({e})") from None
+    try:
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), None)
+    except OSError as e:
+        raise CertificateError(f"{key_path}: cannot read: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise CertificateError(f"{key_path}: not an unencrypted PEM private key ({e})") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if chain[0].public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise CertificateError(f"{key_path}: the key does not match the certificate in {cert_path}")
+    return KeyPair(chain, key)  # type: ignore[arg-type]
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]  # type: ignore[misc]
+    return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+
+
+def _record_expiry(pair: KeyPair) -> None:
+    not_after = pair.certificate.not_valid_after_utc.timestamp()
+    for name in certificate_names(pair.certificate):
+        metrics.CERTIFICATE_NOT_AFTER.labels(name=name).set(not_after)
+
+
+@implementer(ICertificateSource)
+class StaticFileSource(Service):
+    """One certificate chain and key from files, re-read when either file changes."""
+
+    log = Logger()
+
+    def __init__(self, cert_path: str, key_path: str, interval: float = 1.0) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self._generation = 0
+        self.pair = load_pair(cert_path, key_path)
+        _record_expiry(self.pair)
+        self._stamp = self._stat()
+        self._loop = LoopingCall(self.check)
+        self.interval = interval
+
+    def _stat(self) -> tuple:
+        out = []
+        for p in (self.cert_path, self.key_path):
+            try:
+                st = os.stat(p)
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def check(self) -> bool:
+        """Reload if the files changed; return whether a new pair is in force."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return self.reload()
+
+    def reload(self) -> bool:
+        try:
+            pair = load_pair(self.cert_path, self.key_path)
+        except CertificateError as e:
+            metrics.CERTIFICATE_RELOADS.labels(outcome="failure").inc()
+            self.log.error("certificate reload refused, the previous certificate stays: {problem}",
+                           problem=str(e))
+            return False
+        self.pair = pair
+        self._generation += 1
+        _record_expiry(pair)
+        metrics.CERTIFICATE_RELOADS.labels(outcome="success").inc()
+        self.log.info("certificate reloaded from {path}: {names}, valid until {not_after}",
+                      path=self.cert_path, names=", ".join(certificate_names(pair.certificate)),
+                      not_after=pair.certificate.not_valid_after_utc.isoformat())
+        return True
+
+    def pair_for(self, name: str) -> KeyPair | None:
+        return self.pair
+
+    def generation(self) -> int:
+        return self._generation
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+
+@implementer(ICertificateSource)
+class LocalCASource:
+    """Leaves from the local development CA, one per name, issued on first use."""
+
+    def __init__(self, ca: LocalCA, hostname: str) -> None:
+        self.ca = ca
+        self.hostname = hostname
+
+    def pair_for(self, name: str) -> KeyPair | None:
+        if name == self.hostname and name == "localhost":
+            pair = self.ca.issue(("localhost", "127.0.0.1", "::1"))
+        else:
+            pair = self.ca.issue((name,))
+        return pair
+
+    def generation(self) -> int:
+        return 0
+
+
+def build_context(pair: KeyPair, protocols: Iterable[bytes]) -> SSL.Context:
+    """An OpenSSL server context presenting C{pair} and selecting from C{protocols}."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
+                    | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_ECDH_USE)
+    ctx.set_cipher_list(TLS12_CIPHERS)
+    ctx.use_certificate(crypto.X509.from_cryptography(pair.chain[0]))
+    for extra in pair.chain[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(pair.key))
+    ctx.check_privatekey()
+    ctx.set_session_id(b"twisted-gateway")
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    preference = tuple(protocols)
+    if preference:
+        def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+            for p in preference:
+                if p in offered:
+                    return p
+            return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+        ctx.set_alpn_select_callback(select)
+    return ctx
+
+
+class ContextCache:
+    """Contexts by (certificate pair, ALPN list); a bounded LRU for per-name local-CA pairs."""
+
+    def __init__(self, source: ICertificateSource, max_entries: int = 4096) -> None:
+        self.source = source
+        self._contexts: OrderedDict[tuple[int, tuple[bytes, ...]], tuple[KeyPair, SSL.Context]] = OrderedDict()
+        self._max = max_entries
+
+    def context_for(self, name: str, protocols: tuple[bytes, ...]) -> SSL.Context | None:
+        pair = self.source.pair_for(name)
+        if pair is None:
+            return None
+        key = (id(pair), protocols)
+        entry = self._contexts.get(key)
+        if entry is not None and entry[0] is pair:
+            self._contexts.move_to_end(key)
+            return entry[1]
+        ctx = build_context(pair, protocols)
+        self._contexts[key] = (pair, ctx)
+        if len(self._contexts) > self._max:
+            self._contexts.popitem(last=False)
+        return ctx
