@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
-    IConsumer, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITransport,
+    IConsumer, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITCPTransport,
 )
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
@@ -28,7 +28,7 @@ _RECV_SIZE = 64 * 1024
 _BIO_READ_SIZE = 256 * 1024
 
 
-@implementer(ITransport, ISSLTransport, IConsumer, IPushProducer)
+@implementer(ITCPTransport, ISSLTransport, IConsumer, IPushProducer)
 class TLSServerConnection:
     """
     @ivar protocol: the application protocol; connected (C{makeConnection}) only once the
@@ -219,6 +219,18 @@ class TLSServerConnection:
 
     def getHost(self) -> Any:
         return self.transport.getHost()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.transport.setTcpNoDelay(enabled)
+
+    def getTcpNoDelay(self) -> bool:
+        return self.transport.getTcpNoDelay()
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.transport.setTcpKeepAlive(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return self.transport.getTcpKeepAlive()
 
     def getHandle(self) -> SSL.Connection:
         return self._conn
