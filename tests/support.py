@@ -72,14 +72,14 @@ class Gateway:
     """A running ``twistd -n gateway`` with JSON logs collected from its stdout."""
 
     def __init__(self, workdir: str, shards: list[dict] | None = None, args: list[str] | None = None,
-                 config: dict | None = None, demo: bool = False) -> None:
+                 config: dict | None = None, demo: bool = False, wait_ready: bool = True) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.directory_path = os.path.join(workdir, "shards.yaml")
         self.events: list[dict] = []
         self._lines: queue.Queue[str] = queue.Queue()
-        if not demo:
-            self.write_directory(shards or [])
+        if shards is not None:
+            self.write_directory(shards)
         cmd = [twistd_command(), "-n", "--pidfile=", "gateway",
                "--log-format", "json", "--log-level", "debug",
                "--tls-port", "tcp:0:interface=127.0.0.1",
@@ -110,7 +110,8 @@ class Gateway:
         wait_for(bound, 20, what="gateway listeners")
         self.tls_port = listening["tls"]
         self.plain_port = listening["plain"]
-        wait_for(lambda: self.http_get("/readyz")[0] == 200, 10, what="gateway ready")
+        if wait_ready:
+            wait_for(lambda: self.http_get("/readyz")[0] == 200, 10, what="gateway ready")
 
     @property
     def ca_path(self) -> str:
