@@ -1,0 +1,204 @@
+"""Unit tests without sockets: configuration, error pages, the admin app and the splice."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from twisted_gateway import metrics
+from twisted_gateway.admin import AdminApp
+from twisted_gateway.config import ConfigError, load_config
+from twisted_gateway.directory.model import Route, Shard, ShardPort
+from twisted_gateway.http.errors import negotiate, render_error
+from twisted_gateway.logs import redact
+from twisted_gateway.splice import Splice
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+def write(tmp_path, text):
+    p = tmp_path / "gateway.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults():
+    c = load_config(None)
+    assert (c.hostname, c.listen.tls, c.listen.plain) == ("localhost", "tcp:28318", "tcp:28317")
+    assert c.tls.certificate is None and c.directory.file is None
+
+
+def test_flags_override_file_and_paths_are_relative_to_the_file(tmp_path):
+    path = write(tmp_path, "hostname: GW.Example.com.\ndirectory: {file: shards.yaml}\nlisten: {tls: 443}\n")
+    c = load_config(path, {"listen.plain": "9000", "log.level": "debug"})
+    assert c.hostname == "gw.example.com"
+    assert c.directory.file == str(tmp_path / "shards.yaml")
+    assert c.listen.tls == "tcp:443" and c.listen.plain == "tcp:9000"
+    assert c.log.level == "debug"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tls: {handshake_timeot: 3}\n", "tls.handshake_timeot: unknown key"),
+    ("tls: {handshake_timeout: -1}\n", "tls.handshake_timeout: expected a positive number, got -1"),
+    ("hostname: 'bad name'\n", "hostname: 'bad name' is not a DNS name"),
+    ("listen: {tls: nonsense}\n", "listen.tls: 'nonsense' is neither a port number"),
+    ("log: {format: xml}\n", "log.format: expected one of text, json"),
+    ("tls: {certificate: a.pem}\n", "tls.private_key: tls.certificate and tls.private_key must be set together"),
+    ("tls: [1, 2]\n", "tls: expected a mapping"),
+    ("- 1\n", "expected a mapping at the top level"),
+    ("a: [\n", "line 2: not valid YAML"),
+])
+def test_config_errors_name_file_key_and_problem(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(path + ": ")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_example_configuration_in_etc_is_valid():
+    c = load_config(os.path.join(REPO, "etc", "gateway.yaml"))
+    assert c.directory.file == os.path.join(REPO, "etc", "shards.yaml")
+
+
+# -- error pages and redaction ---------------------------------------------------------------------
+
+def test_accept_negotiation():
+    assert negotiate(None) == "text"
+    assert negotiate("application/json") == "json"
+    assert negotiate("text/html,application/xhtml+xml,*/*;q=0.8") == "html"
+    assert negotiate("text/html;q=0.1, application/json") == "json"
+    assert negotiate("image/png") == "text"
+    content_type, body = render_error(404, "unknown_shard", "no <shard>", "text/html")
+    assert content_type.startswith(b"text/html") and b"no &lt;shard&gt;" in body
+    assert json.loads(render_error(503, "no_primary", "x", "application/json")[1]) == {
+        "error": "no_primary", "message": "x", "status": 503}
+
+
+def test_redaction():
+    assert "abc.def" not in redact("Authorization: Bearer abc.def")
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig"
+    assert jwt not in redact(f"token in {jwt} here")
+    assert "s3cret" not in redact("cookie=s3cret; other")
+
+
+# -- admin app --------------------------------------------------------------------------------------
+
+def test_admin_app_readiness_and_metrics():
+    state = {"ready": False}
+    app = AdminApp(lambda: (state["ready"], {"reasons": [] if state["ready"] else ["not yet"]}))
+    treq = StubTreq(app.resource())
+
+    def get(path):
+        response = treq.get(f"http://admin{path}")
+        treq.flush()
+        result = []
+        response.addCallback(lambda r: r.content().addCallback(lambda body: result.append((r.code, body))))
+        treq.flush()
+        return result[0]
+    assert get("/healthz") == (200, b"ok\n")
+    code, body = get("/readyz")
+    assert code == 503 and json.loads(body)["reasons"] == ["not yet"]
+    state["ready"] = True
+    assert get("/readyz")[0] == 200
+    code, body = get("/metrics")
+    assert code == 200 and b"gateway_connections_active" in body
+
+
+# -- splice -------------------------------------------------------------------------------------
+
+class HalfCloseTransport(StringTransport):
+    def __init__(self):
+        super().__init__()
+        self.write_closed = False
+        self.paused = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+
+def _splice(reactor, idle=60.0):
+    shard = Shard(id="s", task="t", hostname_label="db", address="127.0.0.1",
+                  ports=(ShardPort(5432, "tcp", True, 15432),), primary=True)
+    failures = []
+    sp = Splice(Route(shard, shard.ports[0]), reactor, 5.0, idle, failures.append)
+    sp.connect()
+    return sp, failures
+
+
+def _connect_upstream(reactor, sp):
+    host, port, factory, timeout, _ = reactor.tcpClients[-1]
+    assert (host, port, timeout) == ("127.0.0.1", 15432, 5.0)
+    upstream = factory.buildProtocol(None)
+    t = HalfCloseTransport()
+    upstream.makeConnection(t)
+    return upstream, t
+
+
+def test_splice_buffers_until_upstream_then_relays_and_half_closes():
+    reactor = MemoryReactorClock()
+    sp, _ = _splice(reactor)
+    client_t = HalfCloseTransport()
+    sp.client.makeConnection(client_t)
+    assert client_t.paused, "the client is held until the shard answers"
+    sp.client.dataReceived(b"early")
+    upstream, up_t = _connect_upstream(reactor, sp)
+    assert up_t.value() == b"early" and not client_t.paused
+    assert client_t.producer is up_t and up_t.producer is client_t
+    upstream.dataReceived(b"reply")
+    assert client_t.value() == b"reply"
+    # Client EOF half-closes the upstream; the upstream's reply still flows back.
+    sp.client.readConnectionLost()
+    assert up_t.write_closed and not up_t.disconnecting
+    upstream.dataReceived(b"late reply")
+    assert client_t.value() == b"replylate reply"
+    upstream.readConnectionLost()
+    assert client_t.write_closed
+    assert client_t.disconnecting and up_t.disconnecting
+    assert (sp.bytes_up, sp.bytes_down) == (5, 15)
+
+
+def test_splice_upstream_refused_counts_and_reports():
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+    reactor = MemoryReactorClock()
+    before = metrics.UPSTREAM_CONNECT_FAILURES.labels(reason="refused")._value.get()
+    sp, failures = _splice(reactor)
+    factory = reactor.tcpClients[-1][2]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert failures == ["refused"]
+    assert metrics.UPSTREAM_CONNECT_FAILURES.labels(reason="refused")._value.get() == before + 1
+    client_t = HalfCloseTransport()
+    sp.client.makeConnection(client_t)
+    assert client_t.disconnecting
+
+
+def test_splice_idle_timeout():
+    reactor = MemoryReactorClock()
+    sp, _ = _splice(reactor, idle=10.0)
+    client_t = HalfCloseTransport()
+    sp.client.makeConnection(client_t)
+    upstream, up_t = _connect_upstream(reactor, sp)
+    for _ in range(8):
+        reactor.advance(2.5)
+        sp.client.dataReceived(b"x")  # activity keeps it open
+    assert not client_t.disconnecting
+    reactor.advance(2.5)
+    reactor.advance(2.5)
+    reactor.advance(2.5)
+    reactor.advance(2.5)
+    reactor.advance(2.5)
+    assert client_t.disconnecting and up_t.disconnecting
