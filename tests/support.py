@@ -144,7 +144,8 @@ class Gateway:
         except OSError:
             return 0, ""
 
-    def metric(self, name: str, **labels: str) -> float:
+    def metric(self, series: str, **labels: str) -> float:
+        name = series
         status, text = self.http_get("/metrics")
         assert status == 200
         want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
