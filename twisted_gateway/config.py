@@ -53,6 +53,35 @@ def path(value: Any) -> str:
     return value
 
 
+def optional_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def optional_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value
+
+
+def non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def cookie_name(value: Any) -> str:
+    import re
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise ValueError(f"expected a cookie name of letters, digits, '-' and '_', got {value!r}")
+    return value
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -123,6 +152,25 @@ class TCPConfig:
 
 
 @attrs.frozen
+class HTTPConfig:
+    response_timeout: float = _field(positive_number, 30.0, "Seconds for a shard to answer a proxied request (then 504).")
+    pool_size: int = _field(positive_int, 16, "Idle keep-alive connections kept per shard port.")
+
+
+@attrs.frozen
+class AuthConfig:
+    jwt_secret: str | None = _field(optional_str, None, "HS256 shared secret for control-plane tokens.")
+    jwt_secret_file: str | None = _field(optional_path, None, "File holding the HS256 secret.")
+    jwt_public_key: str | None = _field(optional_path, None, "PEM public key file (RSA: RS256, EC P-256: ES256).")
+    issuer: str | None = _field(optional_str, None, "Required iss claim, if set.")
+    audience: str | None = _field(optional_str, None, "Required aud claim, if set.")
+    leeway: float = _field(non_negative_number, 30.0, "Seconds of clock skew allowed for exp/iat.")
+    signin_url: str | None = _field(optional_url, None, "Control-plane sign-in URL browsers are redirected to.")
+    cookie_name: str = _field(cookie_name, "__Host-gateway-token", "Cookie carrying the token for browsers.")
+    cookie_max_age: int = _field(positive_int, 86400, "Max-Age of the auth cookie in seconds.")
+
+
+@attrs.frozen
 class LogConfig:
     format: str = _field(one_of("text", "json"), "text", "Log line format.")
     level: str = _field(one_of("debug", "info", "warn", "error", "critical"), "info", "Lowest level logged.")
@@ -137,18 +185,15 @@ class GatewayConfig:
     tls: TLSConfig = attrs.field(factory=TLSConfig)
     directory: DirectoryConfig = attrs.field(factory=DirectoryConfig)
     tcp: TCPConfig = attrs.field(factory=TCPConfig)
+    http: HTTPConfig = attrs.field(factory=HTTPConfig)
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
-def _is_section(f: attrs.Attribute) -> bool:
-    return isinstance(f.type, str) and f.type.endswith("Config") or (
-        isinstance(f.type, type) and attrs.has(f.type))
-
-
 _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
-    "tcp": TCPConfig, "log": LogConfig,
+    "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "log": LogConfig,
 }
 
 
@@ -209,6 +254,10 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
     if (config.tls.certificate is None) != (config.tls.private_key is None):
         raise ConfigError(source, "tls.private_key" if config.tls.private_key is None else "tls.certificate",
                           "tls.certificate and tls.private_key must be set together")
+    keys = [k for k in ("jwt_secret", "jwt_secret_file", "jwt_public_key") if getattr(config.auth, k)]
+    if len(keys) > 1:
+        raise ConfigError(source, f"auth.{keys[1]}", f"set only one of auth.jwt_secret, "
+                          f"auth.jwt_secret_file and auth.jwt_public_key (also set: auth.{keys[0]})")
     # Relative paths in the file are relative to the file's directory.
     if path_ is not None:
         base = os.path.dirname(os.path.abspath(path_))
@@ -222,6 +271,10 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
             config = attrs.evolve(config, tls=attrs.evolve(config.tls, private_key=rel(config.tls.private_key)))
         if "file" in (doc.get("directory") or {}) and "directory.file" not in (overrides or {}):
             config = attrs.evolve(config, directory=attrs.evolve(config.directory, file=rel(config.directory.file)))
+        auth_doc = doc.get("auth") or {}
+        for key in ("jwt_secret_file", "jwt_public_key"):
+            if key in auth_doc:
+                config = attrs.evolve(config, auth=attrs.evolve(config.auth, **{key: rel(getattr(config.auth, key))}))
         if "state_dir" in doc and "state_dir" not in (overrides or {}):
             config = attrs.evolve(config, state_dir=rel(config.state_dir))
     return attrs.evolve(config, source=source)

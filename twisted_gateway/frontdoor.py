@@ -121,16 +121,26 @@ class FrontDoor(Protocol):
             self._refuse_route(name, hello, result)
             return
         self.route = result
-        if result.port.protocol == "tcp" and not result.port.public:
+        protocol = result.port.protocol
+        if protocol == "http/1.1":
+            self.outcome = "http"
+            self._start_tls(name, _HTTP_ALPN, self.gateway.proxy_site(result).buildProtocol(
+                self.transport.getPeer()))
+            return
+        if not result.port.public:
+            # Private tcp (and h2, whose requests are spliced unparsed) ports need an
+            # authentication the gateway does not have yet.
             self._refuse_route(name, hello, Refusal(
                 "private_port", f"port {result.port.port} of {result.shard.hostname_label} is private"),
                 alert=ch.ALERT_ACCESS_DENIED)
             return
-        self.outcome = "tcp" if result.port.protocol == "tcp" else "http"
+        # tcp, and h2 ports (spliced as is to the shard's h2c prior-knowledge listener, so
+        # gRPC trailers and every h2 feature pass through untouched).
+        self.outcome = "tcp" if protocol == "tcp" else "http"
         self.splice = Splice(result, self.reactor, self.gateway.config.tcp.connect_timeout,
                              self.gateway.config.tcp.idle_timeout, self._upstream_failed)
         self.splice.connect()
-        self._start_tls(name, ALPN_FOR_PROTOCOL[result.port.protocol], self.splice.client)
+        self._start_tls(name, ALPN_FOR_PROTOCOL[protocol], self.splice.client)
 
     def _refuse_route(self, name: str, hello: ch.ClientHello, refusal: Refusal,
                       alert: int = ch.ALERT_UNRECOGNIZED_NAME) -> None:

@@ -19,6 +19,8 @@ from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.file import FileDirectoryProvider
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.frontdoor import FrontDoorFactory
+from twisted_gateway.http.auth import TokenVerifier
+from twisted_gateway.http.proxy import HTTPRouteContext, proxy_site
 from twisted_gateway.http.errors import ErrorResource, error_site, quiet_site
 from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource
 from twisted_gateway.tls.files import ensure_private_dir
@@ -90,7 +92,8 @@ class GatewayService(MultiService):
 class Gateway:
     log = Logger()
 
-    def __init__(self, config: GatewayConfig, reactor: Any = None) -> None:
+    def __init__(self, config: GatewayConfig, reactor: Any = None,
+                 verifier: TokenVerifier | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -110,6 +113,10 @@ class Gateway:
         else:
             self.local_ca = LocalCA(config.state_dir)
             self.contexts = ContextCache(LocalCASource(self.local_ca, self.hostname))
+        self.http = HTTPRouteContext(
+            reactor, self.hostname, verifier, config.tcp.connect_timeout, config.http.response_timeout,
+            config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,
+            config.http.pool_size)
         self.api_site = quiet_site(ErrorResource(404, "not_found", "the gateway API has no such route"))
         if config.directory.file is not None:
             self.services.append(FileDirectoryProvider(
@@ -125,6 +132,9 @@ class Gateway:
 
     def error_site(self, status: int, code: str, message: str) -> Any:
         return error_site(status, code, message)
+
+    def proxy_site(self, route: Any) -> Any:
+        return proxy_site(route, self.http)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         reasons = []

@@ -101,3 +101,29 @@ HTTP_ERROR_PAGES = Counter(
     "gateway_http_error_responses_total",
     "HTTP error responses the gateway itself produced, by status code.",
     ["code"], registry=REGISTRY)
+
+HTTP_REQUESTS = Counter(
+    "gateway_http_requests_total",
+    "HTTP requests answered, by route (proxy: a shard's HTTP port; api: the gateway hostname), "
+    "status class (2xx..5xx) and method (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, other).",
+    ["route", "code_class", "method"], registry=REGISTRY)
+
+UPSTREAM_RESPONSE_SECONDS = Histogram(
+    "gateway_upstream_response_seconds",
+    "Time from sending a proxied request to receiving the shard's response headers.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY)
+
+AUTH_DECISIONS = Counter(
+    "gateway_auth_decisions_total",
+    "Authorization decisions for private HTTP ports and the API, by outcome: allowed, missing, "
+    "malformed, expired, bad_signature, invalid, forbidden.",
+    ["outcome"], registry=REGISTRY)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def count_request(route: str, code: int, method: bytes | str) -> None:
+    m = method.decode("ascii", "replace") if isinstance(method, bytes) else method
+    HTTP_REQUESTS.labels(route=route, code_class=f"{code // 100}xx",
+                         method=m if m in _METHODS else "other").inc()

@@ -109,7 +109,8 @@ class Splice:
     log = Logger()
 
     def __init__(self, route: Route, reactor: Any, connect_timeout: float, idle_timeout: float,
-                 on_upstream_failed: Callable[[str], None] | None = None) -> None:
+                 on_upstream_failed: Callable[[str], None] | None = None,
+                 preamble: bytes = b"") -> None:
         self.route = route
         self.reactor = reactor
         self.connect_timeout = connect_timeout
@@ -119,7 +120,8 @@ class Splice:
         self.client_transport: Any = None
         self.upstream_transport: Any = None
         self._connector: Any = None
-        self._pending: list[bytes] = []
+        # Bytes the upstream gets before anything from the client (a replayed HTTP request head).
+        self._pending: list[bytes] = [preamble] if preamble else []
         self._client_eof = False
         self._upstream_eof = False
         self._done = False

@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from twisted_gateway import __version__
 from twisted_gateway.config import ConfigError, GatewayConfig, load_config
+from twisted_gateway.http.auth import verifier_from_config
 
 _FLAG_TO_KEY = {
     "hostname": "hostname",
@@ -60,6 +61,7 @@ class Options(usage.Options):
         overrides = {key: self[flag] for flag, key in _FLAG_TO_KEY.items() if self[flag] is not None}
         try:
             self.config: GatewayConfig = load_config(self["config"], overrides)
+            self.verifier = verifier_from_config(self.config.auth, self.config.source)
         except ConfigError as e:
             sys.stderr.write(f"gateway: {e}\n")
             sys.stderr.flush()
@@ -68,4 +70,4 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> Any:
     from twisted_gateway.gateway import Gateway
-    return Gateway(options.config).service()
+    return Gateway(options.config, verifier=options.verifier).service()

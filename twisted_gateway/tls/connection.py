@@ -123,7 +123,6 @@ class TLSServerConnection:
 
     def _drain(self) -> None:
         recv = self._conn.recv
-        deliver = self.protocol.dataReceived
         while not self._paused and not self._read_closed and not self._lost:
             try:
                 data = recv(_RECV_SIZE)
@@ -140,7 +139,9 @@ class TLSServerConnection:
                 self._lost = True
                 self.transport.abortConnection()
                 return
-            deliver(data)
+            # Looked up per record: a protocol may hand the connection over (a websocket
+            # upgrade switches from the HTTP channel to a splice).
+            self.protocol.dataReceived(data)
         self._flush()
 
     def _deliver_read_closed(self) -> None:
@@ -213,6 +214,12 @@ class TLSServerConnection:
         except SSL.Error:
             pass
         self._flush()
+
+    def switch_protocol(self, protocol: Any) -> None:
+        """Hand the connection to another application protocol (after an HTTP upgrade)."""
+        self.protocol = protocol
+        self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
+        protocol.makeConnection(self)
 
     def getPeer(self) -> Any:
         return self.transport.getPeer()

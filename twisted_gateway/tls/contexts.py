@@ -33,7 +33,7 @@ TLS12_CIPHERS = (
 ALPN_FOR_PROTOCOL: dict[str, tuple[bytes, ...]] = {
     "tcp": (),
     "http/1.1": (b"http/1.1",),
-    "h2": (b"h2", b"http/1.1"),
+    "h2": (b"h2",),
 }
 
 

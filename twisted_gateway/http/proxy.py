@@ -1,0 +1,327 @@
+"""
+The reverse proxy for shard ports declared ``http/1.1``.
+
+Clients speak HTTP/1.1 or h2 (twisted.web serves both, chosen by ALPN); the shard is spoken to
+in HTTP/1.1 through a keep-alive connection pool (one per gateway, keyed by shard address and
+port).  Responses stream to the client with backpressure; private ports require a JWT (see
+L{twisted_gateway.http.auth}); a websocket upgrade is forwarded and, once the shard answers,
+the connection becomes a splice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web._newclient import (
+    RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived,
+)
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from twisted_gateway import metrics
+from twisted_gateway.directory.model import Route
+from twisted_gateway.http.auth import AuthDecision, TokenVerifier, bearer_token
+from twisted_gateway.http.errors import negotiate, quiet_site, write_error
+from twisted_gateway.splice import Splice
+
+# RFC 9110 7.6.1: connection-specific fields never forwarded.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+_BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+
+
+def _hop_by_hop(headers: Headers) -> set[bytes]:
+    names = set(HOP_BY_HOP)
+    for value in headers.getRawHeaders(b"connection", []):
+        names.update(v.strip().lower() for v in value.split(b",") if v.strip())
+    return names
+
+
+class HTTPRouteContext:
+    """What every proxied request needs, shared by all connections of one gateway."""
+
+    def __init__(self, reactor: Any, hostname: str, verifier: TokenVerifier | None,
+                 connect_timeout: float, response_timeout: float, signin_url: str | None,
+                 cookie_name: str, cookie_max_age: int, pool_size: int = 16) -> None:
+        self.reactor = reactor
+        self.hostname = hostname
+        self.verifier = verifier
+        self.response_timeout = response_timeout
+        self.connect_timeout = connect_timeout
+        self.signin_url = signin_url
+        self.cookie_name = cookie_name.encode()
+        self.cookie_max_age = cookie_max_age
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = pool_size
+        self.pool.retryAutomatically = True
+        self.pool._factory.noisy = False  # type: ignore[attr-defined]
+        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+
+    def token_of(self, request: Any) -> str | None:
+        return bearer_token(request.getHeader(b"authorization")) or (
+            request.getCookie(self.cookie_name).decode("latin-1") if request.getCookie(self.cookie_name) else None)
+
+    def url_is_ours(self, url: str) -> bool:
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return False
+        host = (parts.hostname or "").lower()
+        return parts.scheme == "https" and (host == self.hostname or host.endswith("." + self.hostname))
+
+
+class _BodyForwarder(Protocol):
+    """Streams an upstream response body to the client request, with backpressure."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.done = False
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.done:
+            self.request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self.done:
+            return
+        self.done = True
+        self.request.unregisterProducer()
+        if reason.check(ResponseFailed, ierror.ConnectionLost) and not reason.check(http.PotentialDataLoss):
+            # The shard broke off mid-body: abort so the client sees a truncated response, not
+            # a complete one.
+            self.request.channel.transport.abortConnection() if self.request.channel else None
+            return
+        self.request.finish()
+
+    def stop(self) -> None:
+        if not self.done and self.transport is not None:
+            self.done = True
+            self.transport.stopProducing()
+
+
+class ProxyResource(Resource):
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, route: Route, ctx: HTTPRouteContext) -> None:
+        super().__init__()
+        self.route = route
+        self.ctx = ctx
+
+    # -- entry ----------------------------------------------------------------------------------
+
+    def render(self, request: Any) -> Any:
+        if request.path == b"/auth-redirect" and request.method == b"GET":
+            return self._auth_redirect(request)
+        if not self.route.port.public:
+            decision = self._authorize(request)
+            if not decision.allowed:
+                return self._refuse(request, decision)
+        if request.requestHeaders.hasHeader(b"upgrade") and request.clientproto == b"HTTP/1.1" \
+                and isinstance(request.channel, http.HTTPChannel):
+            return self._upgrade(request)
+        return self._forward(request)
+
+    def _finish_error(self, request: Any, status: int, code: str, message: str) -> bytes:
+        metrics.count_request("proxy", status, request.method)
+        return write_error(request, status, code, message)
+
+    # -- authorization --------------------------------------------------------------------------
+
+    def _authorize(self, request: Any) -> AuthDecision:
+        if self.ctx.verifier is None:
+            return AuthDecision("invalid", 403, "private ports need auth.* to be configured")
+        return self.ctx.verifier.authorize(self.ctx.token_of(request), self.route.shard.task)
+
+    def _refuse(self, request: Any, decision: AuthDecision) -> bytes:
+        wants_page = request.method == b"GET" and negotiate(request.getHeader(b"accept")) == "html"
+        if wants_page and decision.status == 401 and self.ctx.signin_url:
+            original = f"https://{request.getRequestHostname().decode()}" \
+                       f"{self._port_suffix(request)}{request.uri.decode('latin-1')}"
+            sep = "&" if "?" in self.ctx.signin_url else "?"
+            request.setResponseCode(307)
+            request.setHeader(b"location",
+                              f"{self.ctx.signin_url}{sep}orig_url={quote(original, safe='')}".encode())
+            request.setHeader(b"cache-control", b"no-store")
+            metrics.count_request("proxy", 307, request.method)
+            return b""
+        if decision.status == 401:
+            request.setHeader(b"www-authenticate",
+                              f'Bearer error="invalid_token", error_description="{decision.message}"'.encode())
+        return self._finish_error(request, decision.status, decision.outcome, decision.message)
+
+    def _port_suffix(self, request: Any) -> str:
+        port = request.getHost().port
+        return "" if port == 443 else f":{port}"
+
+    def _auth_redirect(self, request: Any) -> bytes:
+        args = parse_qs(request.uri.decode("latin-1").partition("?")[2])
+        token = (args.get("token") or [""])[0]
+        orig_url = (args.get("orig_url") or [""])[0]
+        if not orig_url or not self.ctx.url_is_ours(orig_url):
+            return self._finish_error(request, 400, "bad_orig_url",
+                                      "orig_url must be an https URL under the gateway hostname")
+        if self.ctx.verifier is None:
+            return self._finish_error(request, 403, "invalid", "auth is not configured")
+        decision = self.ctx.verifier.verify(token) if token else AuthDecision("missing", 401, "no token")
+        metrics.AUTH_DECISIONS.labels(outcome=decision.outcome).inc()
+        if not decision.allowed:
+            return self._finish_error(request, decision.status, decision.outcome, decision.message)
+        cookie = (self.ctx.cookie_name + b"=" + token.encode() +
+                  b"; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=" + str(self.ctx.cookie_max_age).encode())
+        request.setHeader(b"set-cookie", cookie)
+        request.setResponseCode(307)
+        request.setHeader(b"location", orig_url.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        metrics.count_request("proxy", 307, request.method)
+        return b""
+
+    # -- forwarding -------------------------------------------------------------------------------
+
+    def _upstream_headers(self, request: Any) -> Headers:
+        incoming: Headers = request.requestHeaders
+        drop = _hop_by_hop(incoming)
+        if not self.route.port.public:
+            drop.add(b"authorization")
+        out = Headers()
+        for name, values in incoming.getAllRawHeaders():
+            lname = name.lower()
+            if lname in drop:
+                continue
+            if lname == b"cookie":
+                values = [v for v in (self._strip_auth_cookie(v) for v in values) if v]
+                if not values:
+                    continue
+            out.setRawHeaders(name, values)
+        client = request.getClientAddress()
+        client_ip = getattr(client, "host", "unknown")
+        host = request.getHeader(b"host") or request.getRequestHostname()
+        previous = incoming.getRawHeaders(b"x-forwarded-for", [])
+        out.setRawHeaders(b"x-forwarded-for", [b", ".join(previous + [client_ip.encode()])])
+        out.setRawHeaders(b"x-forwarded-proto", [b"https"])
+        out.setRawHeaders(b"x-forwarded-host", [host])
+        for_value = f'"[{client_ip}]"' if ":" in client_ip else client_ip
+        forwarded = incoming.getRawHeaders(b"forwarded", [])
+        out.setRawHeaders(b"forwarded", [b", ".join(
+            forwarded + [f"for={for_value};proto=https;host={host.decode('latin-1')}".encode()])])
+        if not out.hasHeader(b"host"):
+            out.setRawHeaders(b"host", [host])
+        return out
+
+    def _strip_auth_cookie(self, value: bytes) -> bytes:
+        parts = [p.strip() for p in value.split(b";")]
+        return b"; ".join(p for p in parts if p and not p.startswith(self.ctx.cookie_name + b"="))
+
+    def _forward(self, request: Any) -> Any:
+        shard, port = self.route.shard, self.route.port
+        address = f"[{shard.address}]" if ":" in shard.address else shard.address
+        uri = f"http://{address}:{port.target_port}".encode() + request.uri
+        body = None
+        content = request.content
+        content.seek(0, 2)
+        length = content.tell()
+        content.seek(0)
+        if length or request.method not in _BODYLESS:
+            body = FileBodyProducer(content)
+        started = time.monotonic()
+        d = self.ctx.agent.request(request.method, uri, self._upstream_headers(request), body)
+        d.addTimeout(self.ctx.response_timeout, self.ctx.reactor)
+        forwarder = _BodyForwarder(request)
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: (d.cancel(), forwarder.stop()))
+        d.addCallbacks(self._got_response, self._upstream_error,
+                       callbackArgs=(request, forwarder, started), errbackArgs=(request,))
+        d.addErrback(lambda f: self.log.failure("proxying failed", f))
+        return NOT_DONE_YET
+
+    def _got_response(self, response: Any, request: Any, forwarder: _BodyForwarder, started: float) -> None:
+        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - started)
+        if request._disconnected:
+            response.deliverBody(Protocol())
+            return
+        request.setResponseCode(response.code, response.phrase)
+        drop = _hop_by_hop(response.headers)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in drop and name.lower() not in (b"content-length",):
+                request.responseHeaders.setRawHeaders(name, values)
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            request.setHeader(b"content-length", str(response.length).encode())
+        elif request.method == b"HEAD" and response.headers.hasHeader(b"content-length"):
+            request.responseHeaders.setRawHeaders(b"content-length", response.headers.getRawHeaders(b"content-length"))
+        metrics.count_request("proxy", response.code, request.method)
+        response.deliverBody(forwarder)
+
+    def _upstream_error(self, failure: Failure, request: Any) -> None:
+        if request._disconnected:
+            return
+        shard = self.route.shard
+        if failure.check(CancelledError, ierror.TimeoutError, ierror.TCPTimedOutError):
+            status, code, message = 504, "upstream_timeout", \
+                f"shard {shard.id} did not answer within the timeout"
+            reason = "timeout"
+        elif failure.check(ierror.ConnectionRefusedError):
+            status, code, message = 502, "upstream_refused", f"shard {shard.id} refused the connection"
+            reason = "refused"
+        elif failure.check(ierror.ConnectError, ierror.DNSLookupError):
+            status, code, message = 502, "upstream_unreachable", f"shard {shard.id} is unreachable"
+            reason = "unreachable"
+        elif failure.check(ResponseNeverReceived, RequestTransmissionFailed, RequestGenerationFailed,
+                           ResponseFailed):
+            status, code, message = 502, "upstream_reset", f"shard {shard.id} closed the connection"
+            reason = "error"
+        else:
+            status, code, message = 502, "upstream_error", f"shard {shard.id} failed"
+            reason = "error"
+        if reason in ("timeout", "refused", "unreachable"):
+            metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
+        self.log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})", shard=shard.id,
+                      address=shard.address, port=self.route.port.target_port, code=code,
+                      error=failure.getErrorMessage())
+        body = self._finish_error(request, status, code, message)
+        request.write(body)
+        request.finish()
+
+    # -- websocket ------------------------------------------------------------------------------
+
+    def _upgrade(self, request: Any) -> Any:
+        """Replay the upgrade request to the shard and turn the connection into a splice."""
+        headers = self._upstream_headers(request)
+        # Keep the upgrade negotiation itself.
+        headers.setRawHeaders(b"connection", [b"Upgrade"])
+        headers.setRawHeaders(b"upgrade", request.requestHeaders.getRawHeaders(b"upgrade"))
+        head = [request.method + b" " + request.uri + b" HTTP/1.1"]
+        for name, values in headers.getAllRawHeaders():
+            head.extend(name + b": " + v for v in values)
+        preamble = b"\r\n".join(head) + b"\r\n\r\n"
+        request.content.seek(0)
+        preamble += request.content.read()
+        channel = request.channel
+        channel.setTimeout(None)
+        tls = channel.transport  # the gateway's TLSServerConnection
+        tls.unregisterProducer()
+        splice = Splice(self.route, self.ctx.reactor, self.ctx.connect_timeout, 3600.0,
+                        preamble=preamble)
+        splice.connect()
+        tls.switch_protocol(splice.client)
+        metrics.count_request("proxy", 101, request.method)
+        return NOT_DONE_YET
+
+
+def proxy_site(route: Route, ctx: HTTPRouteContext) -> Site:
+    return quiet_site(ProxyResource(route, ctx))
