@@ -122,6 +122,7 @@ class Splice:
         self._connector: Any = None
         # Bytes the upstream gets before anything from the client (a replayed HTTP request head).
         self._pending: list[bytes] = [preamble] if preamble else []
+        self._pending_down: list[bytes] = []
         self._client_eof = False
         self._upstream_eof = False
         self._done = False
@@ -166,6 +167,10 @@ class Splice:
             return
         if self.client_transport is not None:
             self._wire()
+        else:
+            # Hold the shard (which may speak first, e.g. an h2 server preface) until the
+            # client's handshake is done; at most one read is buffered.
+            transport.pauseProducing()
 
     def _wire(self) -> None:
         client, upstream = self.client_transport, self.upstream_transport
@@ -174,9 +179,15 @@ class Splice:
         pending, self._pending = self._pending, []
         for chunk in pending:
             upstream.write(chunk)
+        pending, self._pending_down = self._pending_down, []
+        for chunk in pending:
+            client.write(chunk)
         if self._client_eof:
             upstream.loseWriteConnection()
+        if self._upstream_eof:
+            client.loseWriteConnection()
         client.resumeProducing()
+        upstream.resumeProducing()
         self._last_active = self.reactor.seconds()
         self._idle_call = self.reactor.callLater(self._idle_period(), self._check_idle)
 
@@ -191,7 +202,10 @@ class Splice:
 
     def from_upstream(self, data: bytes) -> None:
         self.bytes_down += len(data)
-        self.client_transport.write(data)
+        if self.client_transport is None:
+            self._pending_down.append(data)
+        else:
+            self.client_transport.write(data)
 
     # -- end of stream -------------------------------------------------------------------------
 

@@ -19,10 +19,12 @@ _REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not
             504: "Gateway Timeout"}
 
 
-def negotiate(accept: str | None) -> str:
-    """Pick json, html or text from an Accept header (first listed match wins; default text)."""
+def negotiate(accept: str | bytes | None) -> str:
+    """Pick json, html or text from an Accept header (highest q wins, then the first; default text)."""
     if not accept:
         return "text"
+    if isinstance(accept, bytes):
+        accept = accept.decode("latin-1")
     best = ("text", -1.0)
     for index, item in enumerate(accept.split(",")):
         parts = [p.strip() for p in item.split(";")]
@@ -43,7 +45,7 @@ def negotiate(accept: str | None) -> str:
     return best[0]
 
 
-def render_error(status: int, code: str, message: str, accept: str | None) -> tuple[bytes, bytes]:
+def render_error(status: int, code: str, message: str, accept: str | bytes | None) -> tuple[bytes, bytes]:
     """(content type, body) for an error."""
     fmt = negotiate(accept)
     title = f"{status} {_REASONS.get(status, 'Error')}"

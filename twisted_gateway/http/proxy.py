@@ -197,6 +197,8 @@ class ProxyResource(Resource):
     def _upstream_headers(self, request: Any) -> Headers:
         incoming: Headers = request.requestHeaders
         drop = _hop_by_hop(incoming)
+        # The gateway has read the whole body already (it answered any 100-continue itself).
+        drop.add(b"expect")
         if not self.route.port.public:
             drop.add(b"authorization")
         out = Headers()
@@ -241,12 +243,23 @@ class ProxyResource(Resource):
             body = FileBodyProducer(content)
         started = time.monotonic()
         d = self.ctx.agent.request(request.method, uri, self._upstream_headers(request), body)
-        d.addTimeout(self.ctx.response_timeout, self.ctx.reactor)
+        timed_out: list[bool] = []
+
+        def time_out() -> None:
+            timed_out.append(True)
+            d.cancel()
+        timer = self.ctx.reactor.callLater(self.ctx.response_timeout, time_out)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+        d.addBoth(settled)
         forwarder = _BodyForwarder(request)
         finished = request.notifyFinish()
         finished.addErrback(lambda _: (d.cancel(), forwarder.stop()))
         d.addCallbacks(self._got_response, self._upstream_error,
-                       callbackArgs=(request, forwarder, started), errbackArgs=(request,))
+                       callbackArgs=(request, forwarder, started), errbackArgs=(request, timed_out))
         d.addErrback(lambda f: self.log.failure("proxying failed", f))
         return NOT_DONE_YET
 
@@ -267,11 +280,11 @@ class ProxyResource(Resource):
         metrics.count_request("proxy", response.code, request.method)
         response.deliverBody(forwarder)
 
-    def _upstream_error(self, failure: Failure, request: Any) -> None:
+    def _upstream_error(self, failure: Failure, request: Any, timed_out: list[bool]) -> None:
         if request._disconnected:
             return
         shard = self.route.shard
-        if failure.check(CancelledError, ierror.TimeoutError, ierror.TCPTimedOutError):
+        if timed_out or failure.check(CancelledError, ierror.TimeoutError, ierror.TCPTimedOutError):
             status, code, message = 504, "upstream_timeout", \
                 f"shard {shard.id} did not answer within the timeout"
             reason = "timeout"

@@ -1,0 +1,149 @@
+"""Real HTTP, h2c and websocket servers on loopback, used as shard upstreams by the HTTP tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import h2.config
+import h2.connection
+import h2.events
+
+
+class RecordingHTTPServer:
+    """An HTTP/1.1 server: /big?size=N streams N bytes, /echo returns the body's SHA-256 and
+    length, /slow waits, anything else returns the request line; every request's headers are
+    recorded."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _record(self):
+                outer.seen.append({"method": self.command, "path": self.path,
+                                   "headers": {k.lower(): v for k, v in self.headers.items()}})
+
+            def do_GET(self):
+                self._record()
+                if self.path.startswith("/big"):
+                    size = int(self.path.split("size=")[1])
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(size))
+                    self.end_headers()
+                    block = bytes(range(256)) * 256
+                    left = size
+                    while left:
+                        n = min(left, len(block))
+                        self.wfile.write(block[:n])
+                        left -= n
+                    return
+                if self.path.startswith("/slow"):
+                    time.sleep(float(self.path.split("=")[1]))
+                body = json.dumps({"method": self.command, "path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Upstream", "recording")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                self._record()
+                digest = hashlib.sha256()
+                total = 0
+                length = int(self.headers.get("Content-Length", "0"))
+                while total < length:
+                    chunk = self.rfile.read(min(1 << 20, length - total))
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    total += len(chunk)
+                body = json.dumps({"sha256": digest.hexdigest(), "length": total}).encode()
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class H2CServer:
+    """An h2c (prior knowledge) server answering every request with a body and trailers, the
+    shape of a gRPC response."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2conn.initiate_connection()
+        conn.sendall(h2conn.data_to_send())
+        paths: dict[int, str] = {}
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for event in h2conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        paths[event.stream_id] = dict(event.headers).get(b":path", b"").decode()
+                    if isinstance(event, (h2.events.StreamEnded,)):
+                        sid = event.stream_id
+                        body = f"h2 upstream answered {paths.get(sid)}".encode()
+                        h2conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+                        h2conn.send_data(sid, body)
+                        h2conn.send_headers(sid, [("grpc-status", "0"), ("grpc-message", "ok")], end_stream=True)
+                conn.sendall(h2conn.data_to_send())
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class WebsocketEchoServer:
+    def __init__(self) -> None:
+        from websockets.sync.server import serve
+
+        def echo(ws):
+            for message in ws:
+                ws.send(message)
+        self.server = serve(echo, "127.0.0.1", 0)
+        self.port = self.server.socket.getsockname()[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
