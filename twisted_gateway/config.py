@@ -171,6 +171,11 @@ class AuthConfig:
 
 
 @attrs.frozen
+class APIConfig:
+    cors_allowed_origin: str | None = _field(optional_url, None, "Origin allowed to call the API from a browser.")
+
+
+@attrs.frozen
 class LogConfig:
     format: str = _field(one_of("text", "json"), "text", "Log line format.")
     level: str = _field(one_of("debug", "info", "warn", "error", "critical"), "info", "Lowest level logged.")
@@ -187,13 +192,14 @@ class GatewayConfig:
     tcp: TCPConfig = attrs.field(factory=TCPConfig)
     http: HTTPConfig = attrs.field(factory=HTTPConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
+    api: APIConfig = attrs.field(factory=APIConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
 _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
-    "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "log": LogConfig,
+    "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "log": LogConfig,
 }
 
 

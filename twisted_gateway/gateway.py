@@ -21,7 +21,8 @@ from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.frontdoor import FrontDoorFactory
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.proxy import HTTPRouteContext, proxy_site
-from twisted_gateway.http.errors import ErrorResource, error_site, quiet_site
+from twisted_gateway.http.api import GatewayAPI, openapi_document
+from twisted_gateway.http.errors import error_site, quiet_site
 from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource
 from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
@@ -117,7 +118,9 @@ class Gateway:
             reactor, self.hostname, verifier, config.tcp.connect_timeout, config.http.response_timeout,
             config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,
             config.http.pool_size)
-        self.api_site = quiet_site(ErrorResource(404, "not_found", "the gateway API has no such route"))
+        self.api = GatewayAPI(self.directory, verifier, self.hostname, config.api.cors_allowed_origin,
+                              lambda: openapi_document(self.hostname))
+        self.api_site = quiet_site(self.api.resource())
         if config.directory.file is not None:
             self.services.append(FileDirectoryProvider(
                 config.directory.file, self.directory, config.directory.poll_interval))
