@@ -149,6 +149,7 @@ class DirectoryConfig:
 class TCPConfig:
     connect_timeout: float = _field(positive_number, 5.0, "Seconds to connect to a shard's port.")
     idle_timeout: float = _field(positive_number, 3600.0, "Seconds without bytes either way before a splice is closed.")
+    client_ca: str | None = _field(optional_path, None, "PEM CA bundle for client certificates that open private tcp ports.")
 
 
 @attrs.frozen
@@ -277,6 +278,8 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
             config = attrs.evolve(config, tls=attrs.evolve(config.tls, private_key=rel(config.tls.private_key)))
         if "file" in (doc.get("directory") or {}) and "directory.file" not in (overrides or {}):
             config = attrs.evolve(config, directory=attrs.evolve(config.directory, file=rel(config.directory.file)))
+        if "client_ca" in (doc.get("tcp") or {}):
+            config = attrs.evolve(config, tcp=attrs.evolve(config.tcp, client_ca=rel(config.tcp.client_ca)))
         auth_doc = doc.get("auth") or {}
         for key in ("jwt_secret_file", "jwt_public_key"):
             if key in auth_doc:

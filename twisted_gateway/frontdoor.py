@@ -26,7 +26,8 @@ from twisted_gateway.directory.model import Refusal, Route
 from twisted_gateway.names import Foreign, GatewayHost, ShardName, parse_name
 from twisted_gateway.splice import Splice
 from twisted_gateway.tls.connection import TLSServerConnection
-from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL
+from twisted_gateway.http.auth import task_covered
+from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL, client_certificate_prefixes
 
 _HTTP_ALPN = (b"h2", b"http/1.1")
 _BAD_REQUEST_HTTP = (
@@ -127,9 +128,12 @@ class FrontDoor(Protocol):
             self._start_tls(name, _HTTP_ALPN, self.gateway.proxy_site(result).buildProtocol(
                 self.transport.getPeer()))
             return
-        if not result.port.public:
-            # Private tcp (and h2, whose requests are spliced unparsed) ports need an
-            # authentication the gateway does not have yet.
+        client_auth = False
+        if not result.port.public and protocol == "tcp" and self.gateway.contexts.client_ca:
+            client_auth = True  # a client certificate covering the task opens it
+        elif not result.port.public:
+            # Private h2 ports (spliced unparsed, so no per-request token check) and private
+            # tcp ports without tcp.client_ca have no way in.
             self._refuse_route(name, hello, Refusal(
                 "private_port", f"port {result.port.port} of {result.shard.hostname_label} is private"),
                 alert=ch.ALERT_ACCESS_DENIED)
@@ -140,7 +144,8 @@ class FrontDoor(Protocol):
         self.splice = Splice(result, self.reactor, self.gateway.config.tcp.connect_timeout,
                              self.gateway.config.tcp.idle_timeout, self._upstream_failed)
         self.splice.connect()
-        self._start_tls(name, ALPN_FOR_PROTOCOL[protocol], self.splice.client)
+        self._start_tls(name, ALPN_FOR_PROTOCOL[protocol], self.splice.client,
+                        client_auth_task=result.shard.task if client_auth else None)
 
     def _refuse_route(self, name: str, hello: ch.ClientHello, refusal: Refusal,
                       alert: int = ch.ALERT_UNRECOGNIZED_NAME) -> None:
@@ -161,18 +166,39 @@ class FrontDoor(Protocol):
 
     # -- TLS -----------------------------------------------------------------------------
 
-    def _start_tls(self, name: str, protocols: tuple[bytes, ...], handler: Any) -> None:
-        ctx = self.gateway.contexts.context_for(name, protocols)
+    def _start_tls(self, name: str, protocols: tuple[bytes, ...], handler: Any,
+                   client_auth_task: str | None = None) -> None:
+        ctx = self.gateway.contexts.context_for(name, protocols, client_auth_task is not None)
         if ctx is None:
             self._refuse_alert("no_certificate", ch.ALERT_UNRECOGNIZED_NAME)
             return
         reader, self._reader = self._reader, None
         assert reader is not None
-        tls = TLSServerConnection(self.transport, SSL.Connection(ctx, None), handler,
+        conn = SSL.Connection(ctx, None)
+        if client_auth_task is not None:
+            conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                            self._client_certificate_check(client_auth_task))
+        tls = TLSServerConnection(self.transport, conn, handler,
                                   self._handshake_completed, self._handshake_failed)
         self._tls = tls
         self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]
         tls.start(reader.buffered)
+
+    def _client_certificate_check(self, task: str) -> Any:
+        def verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+            if not ok:
+                metrics.AUTH_DECISIONS.labels(outcome="bad_client_certificate").inc()
+                return False
+            if depth > 0:
+                return True
+            prefixes = client_certificate_prefixes(cert.to_cryptography())
+            allowed = task_covered(task, prefixes)
+            metrics.AUTH_DECISIONS.labels(outcome="allowed" if allowed else "forbidden").inc()
+            if not allowed:
+                self.log.info("client certificate for {prefixes} does not cover task {task}",
+                              prefixes=prefixes, task=task)
+            return allowed
+        return verify
 
     def _handshake_completed(self, tls: TLSServerConnection) -> None:
         self._cancel_timer()

@@ -23,7 +23,7 @@ from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.proxy import HTTPRouteContext, proxy_site
 from twisted_gateway.http.api import GatewayAPI, openapi_document
 from twisted_gateway.http.errors import error_site, quiet_site
-from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource
+from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource, load_client_ca
 from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
 
@@ -104,16 +104,17 @@ class Gateway:
         self.directory = ShardDirectory()
         self.services: list[Service] = []
         ensure_private_dir(config.state_dir)
+        client_ca = load_client_ca(config.tcp.client_ca) if config.tcp.client_ca else None
         if config.tls.certificate is not None:
             assert config.tls.private_key is not None
             source = StaticFileSource(config.tls.certificate, config.tls.private_key,
                                       config.tls.reload_interval)
             self.services.append(source)
             self.local_ca: LocalCA | None = None
-            self.contexts = ContextCache(source)
+            self.contexts = ContextCache(source, client_ca=client_ca)
         else:
             self.local_ca = LocalCA(config.state_dir)
-            self.contexts = ContextCache(LocalCASource(self.local_ca, self.hostname))
+            self.contexts = ContextCache(LocalCASource(self.local_ca, self.hostname), client_ca=client_ca)
         self.http = HTTPRouteContext(
             reactor, self.hostname, verifier, config.tcp.connect_timeout, config.http.response_timeout,
             config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,

@@ -70,4 +70,11 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> Any:
     from twisted_gateway.gateway import Gateway
-    return Gateway(options.config, verifier=options.verifier).service()
+    from twisted_gateway.tls.contexts import CertificateError
+    try:
+        gateway = Gateway(options.config, verifier=options.verifier)
+    except CertificateError as e:
+        sys.stderr.write(f"gateway: {options.config.source}: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
+    return gateway.service()

@@ -172,8 +172,37 @@ class LocalCASource:
         return 0
 
 
-def build_context(pair: KeyPair, protocols: Iterable[bytes]) -> SSL.Context:
-    """An OpenSSL server context presenting C{pair} and selecting from C{protocols}."""
+def load_client_ca(path: str) -> list[x509.Certificate]:
+    """The CA certificates that may issue client certificates; raise L{CertificateError}."""
+    try:
+        with open(path, "rb") as f:
+            return x509.load_pem_x509_certificates(f.read())
+    except OSError as e:
+        raise CertificateError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise CertificateError(f"{path}: not a PEM certificate bundle ({e})") from None
+
+
+def client_certificate_prefixes(cert: x509.Certificate) -> list[str]:
+    """
+    The task-name prefixes a client certificate grants: its subject CN, its SAN DNS names and
+    its SAN URIs of the form C{task-prefix:<prefix>}.
+    """
+    out = [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return out
+    out += [str(n) for n in san.get_values_for_type(x509.DNSName)]
+    out += [u[len("task-prefix:"):] for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith("task-prefix:")]
+    return [p for p in out if p]
+
+
+def build_context(pair: KeyPair, protocols: Iterable[bytes],
+                  client_ca: list[x509.Certificate] | None = None) -> SSL.Context:
+    """An OpenSSL server context presenting C{pair} and selecting from C{protocols}; with
+    C{client_ca}, it asks for a client certificate issued by one of those CAs."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
@@ -185,6 +214,13 @@ def build_context(pair: KeyPair, protocols: Iterable[bytes]) -> SSL.Context:
     ctx.use_privatekey(crypto.PKey.from_cryptography_key(pair.key))
     ctx.check_privatekey()
     ctx.set_session_id(b"twisted-gateway")
+    if client_ca:
+        store = ctx.get_cert_store()
+        assert store is not None
+        for ca in client_ca:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+        ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in client_ca])
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: bool(args[-1]))
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     preference = tuple(protocols)
     if preference:
@@ -200,21 +236,24 @@ def build_context(pair: KeyPair, protocols: Iterable[bytes]) -> SSL.Context:
 class ContextCache:
     """Contexts by (certificate pair, ALPN list); a bounded LRU for per-name local-CA pairs."""
 
-    def __init__(self, source: ICertificateSource, max_entries: int = 4096) -> None:
+    def __init__(self, source: ICertificateSource, max_entries: int = 4096,
+                 client_ca: list[x509.Certificate] | None = None) -> None:
         self.source = source
-        self._contexts: OrderedDict[tuple[int, tuple[bytes, ...]], tuple[KeyPair, SSL.Context]] = OrderedDict()
+        self.client_ca = client_ca
+        self._contexts: OrderedDict[tuple[int, tuple[bytes, ...], bool], tuple[KeyPair, SSL.Context]] = OrderedDict()
         self._max = max_entries
 
-    def context_for(self, name: str, protocols: tuple[bytes, ...]) -> SSL.Context | None:
+    def context_for(self, name: str, protocols: tuple[bytes, ...],
+                    client_auth: bool = False) -> SSL.Context | None:
         pair = self.source.pair_for(name)
         if pair is None:
             return None
-        key = (id(pair), protocols)
+        key = (id(pair), protocols, client_auth)
         entry = self._contexts.get(key)
         if entry is not None and entry[0] is pair:
             self._contexts.move_to_end(key)
             return entry[1]
-        ctx = build_context(pair, protocols)
+        ctx = build_context(pair, protocols, self.client_ca if client_auth else None)
         self._contexts[key] = (pair, ctx)
         if len(self._contexts) > self._max:
             self._contexts.popitem(last=False)
