@@ -16,6 +16,7 @@ import time
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import jwt
 import pytest
 
@@ -257,3 +258,111 @@ def test_websocket_echo(start_gateway):
                 assert ws.recv(timeout=10) == message
     finally:
         ws_server.close()
+
+
+def test_jwks_keys_fetched_and_rotated(start_gateway, web):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+    k1 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    k2 = ec.generate_private_key(ec.SECP256R1())
+    jwk1 = dict(json.loads(RSAAlgorithm.to_jwk(k1.public_key())), kid="k1", alg="RS256")
+    jwk2 = dict(json.loads(ECAlgorithm.to_jwk(k2.public_key())), kid="k2", alg="ES256")
+    document = {"keys": [jwk1]}
+
+    class JWKS(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps(document).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JWKS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gw = start_gateway([shard("p1", "app", 8080, web.port, protocol="http/1.1", public=False,
+                                  task="tasks/app")],
+                           config={"auth": {"jwks_url": f"http://127.0.0.1:{server.server_address[1]}/jwks",
+                                            "jwks_refresh": 0.3}})
+        now = int(time.time())
+        claims = {"iat": now, "exp": now + 60, "prefixes": ["tasks/"]}
+        t1 = jwt.encode(claims, k1, algorithm="RS256", headers={"kid": "k1"})
+        t2 = jwt.encode(claims, k2, algorithm="ES256", headers={"kid": "k2"})
+        name = "app-8080.localhost"
+        assert curl(gw, name, "/", "-H", f"Authorization: Bearer {t1}")[0] == 200
+        assert curl(gw, name, "/", "-H", f"Authorization: Bearer {t2}")[0] == 401
+        document["keys"] = [jwk2]
+        wait_for(lambda: curl(gw, name, "/", "-H", f"Authorization: Bearer {t2}")[0] == 200,
+                 timeout=5, what="rotated key accepted")
+        wait_for(lambda: curl(gw, name, "/", "-H", f"Authorization: Bearer {t1}")[0] == 401,
+                 timeout=5, what="retired key refused")
+        assert gw.metric("gateway_jwks_refreshes_total", outcome="success") >= 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("alpn", ["http/1.1", "h2"])
+def test_upload_streams_to_the_shard_before_it_ends(http_gateway, web, alpn):
+    """The shard sees the start of a body while the client is still sending it."""
+    first = os.urandom(1024 * 1024)
+    rest = os.urandom(512 * 1024)
+    tls = http_gateway.connect("web-8080.localhost", alpn=[alpn])
+    assert tls.selected_alpn_protocol() == alpn
+    if alpn == "http/1.1":
+        tls.sendall(b"POST /echo HTTP/1.1\r\nHost: web-8080.localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+        tls.sendall(b"%x\r\n" % len(first) + first + b"\r\n")
+        wait_for(lambda: web.body_bytes >= len(first), timeout=10, what="first MiB at the shard")
+        tls.sendall(b"%x\r\n" % len(rest) + rest + b"\r\n0\r\n\r\n")
+        response = b""
+        while b"}" not in response:
+            chunk = tls.recv(65536)
+            assert chunk
+            response += chunk
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 201")
+    else:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**24})
+        conn.send_headers(1, [(":method", "POST"), (":path", "/echo"), (":scheme", "https"),
+                              (":authority", "web-8080.localhost")])
+        tls.sendall(conn.data_to_send())
+        body, status, ended, sent_rest = b"", None, False, False
+        pending = first
+        while not ended:
+            while pending and conn.local_flow_control_window(1) > 0:
+                n = min(len(pending), conn.local_flow_control_window(1), conn.max_outbound_frame_size)
+                conn.send_data(1, pending[:n])
+                pending = pending[n:]
+            tls.sendall(conn.data_to_send())
+            if not pending and not sent_rest:
+                wait_for(lambda: web.body_bytes >= len(first), timeout=10, what="first MiB at the shard")
+                sent_rest, pending = True, rest
+                continue
+            if sent_rest and not pending and conn.streams[1].state_machine.state.name == "OPEN":
+                conn.end_stream(1)
+                tls.sendall(conn.data_to_send())
+            tls.settimeout(10)
+            data = tls.recv(65536)
+            assert data
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(len(event.data), 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            tls.sendall(conn.data_to_send())
+        assert status == b"201"
+    assert json.loads(body) == {"sha256": hashlib.sha256(first + rest).hexdigest(),
+                                "length": len(first) + len(rest)}
+    tls.close()

@@ -21,6 +21,7 @@ class RecordingHTTPServer:
 
     def __init__(self) -> None:
         self.seen: list[dict] = []
+        self.body_bytes = 0  # body bytes read so far, across requests
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,6 +33,29 @@ class RecordingHTTPServer:
             def _record(self):
                 outer.seen.append({"method": self.command, "path": self.path,
                                    "headers": {k.lower(): v for k, v in self.headers.items()}})
+
+            def _body(self):
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            return
+                        left = size
+                        while left:
+                            chunk = self.rfile.read(min(left, 1 << 20))
+                            left -= len(chunk)
+                            yield chunk
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length", "0"))
+                left = length
+                while left:
+                    chunk = self.rfile.read(min(1 << 20, left))
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+                    yield chunk
 
             def do_GET(self):
                 self._record()
@@ -62,13 +86,10 @@ class RecordingHTTPServer:
                 self._record()
                 digest = hashlib.sha256()
                 total = 0
-                length = int(self.headers.get("Content-Length", "0"))
-                while total < length:
-                    chunk = self.rfile.read(min(1 << 20, length - total))
-                    if not chunk:
-                        break
+                for chunk in self._body():
                     digest.update(chunk)
                     total += len(chunk)
+                    outer.body_bytes += len(chunk)
                 body = json.dumps({"sha256": digest.hexdigest(), "length": total}).encode()
                 self.send_response(201)
                 self.send_header("Content-Type", "application/json")
@@ -76,7 +97,10 @@ class RecordingHTTPServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # clients the tests cut off on purpose
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

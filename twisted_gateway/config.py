@@ -163,6 +163,8 @@ class AuthConfig:
     jwt_secret: str | None = _field(optional_str, None, "HS256 shared secret for control-plane tokens.")
     jwt_secret_file: str | None = _field(optional_path, None, "File holding the HS256 secret.")
     jwt_public_key: str | None = _field(optional_path, None, "PEM public key file (RSA: RS256, EC P-256: ES256).")
+    jwks_url: str | None = _field(optional_url, None, "JWKS URL of the control plane (RS256/ES256 keys by kid).")
+    jwks_refresh: float = _field(positive_number, 300.0, "Seconds between JWKS refreshes.")
     issuer: str | None = _field(optional_str, None, "Required iss claim, if set.")
     audience: str | None = _field(optional_str, None, "Required aud claim, if set.")
     leeway: float = _field(non_negative_number, 30.0, "Seconds of clock skew allowed for exp/iat.")
@@ -261,10 +263,11 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
     if (config.tls.certificate is None) != (config.tls.private_key is None):
         raise ConfigError(source, "tls.private_key" if config.tls.private_key is None else "tls.certificate",
                           "tls.certificate and tls.private_key must be set together")
-    keys = [k for k in ("jwt_secret", "jwt_secret_file", "jwt_public_key") if getattr(config.auth, k)]
+    keys = [k for k in ("jwt_secret", "jwt_secret_file", "jwt_public_key", "jwks_url") if getattr(config.auth, k)]
     if len(keys) > 1:
         raise ConfigError(source, f"auth.{keys[1]}", f"set only one of auth.jwt_secret, "
-                          f"auth.jwt_secret_file and auth.jwt_public_key (also set: auth.{keys[0]})")
+                          f"auth.jwt_secret_file, auth.jwt_public_key and auth.jwks_url "
+                          f"(also set: auth.{keys[0]})")
     # Relative paths in the file are relative to the file's directory.
     if path_ is not None:
         base = os.path.dirname(os.path.abspath(path_))

@@ -132,6 +132,9 @@ class Gateway:
         self.admin = AdminApp(self.readiness)
         self.plain_listener = ListenerService("plain", reactor, config.listen.plain,
                                               quiet_site(self.admin.resource()))
+        self.verifier = verifier
+        if verifier is not None and verifier.jwks is not None:
+            self.services.append(verifier.jwks)
         self.services += [self.tls_listener, self.plain_listener]
 
     def error_site(self, status: int, code: str, message: str) -> Any:
@@ -146,6 +149,8 @@ class Gateway:
             reasons.append("TLS listener not bound")
         if not self.directory.loaded():
             reasons.append("shard directory not loaded")
+        if self.verifier is not None and self.verifier.jwks is not None and not self.verifier.jwks.loaded:
+            reasons.append("JWKS keys not loaded")
         return (not reasons, {"reasons": reasons, "shards": len(self.directory.current())})
 
     def service(self) -> GatewayService:

@@ -127,3 +127,8 @@ def count_request(route: str, code: int, method: bytes | str) -> None:
     m = method.decode("ascii", "replace") if isinstance(method, bytes) else method
     HTTP_REQUESTS.labels(route=route, code_class=f"{code // 100}xx",
                          method=m if m in _METHODS else "other").inc()
+
+JWKS_REFRESHES = Counter(
+    "gateway_jwks_refreshes_total",
+    "Fetches of the control plane's JWKS document, by outcome: success or failure (known keys stay).",
+    ["outcome"], registry=REGISTRY)

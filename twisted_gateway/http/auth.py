@@ -17,6 +17,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
 from twisted_gateway import metrics
 
 
@@ -37,13 +41,113 @@ def task_covered(task: str, prefixes: Iterable[str]) -> bool:
     return any(task.startswith(p) for p in prefixes if p)
 
 
+class JWKSKeys(Service):
+    """
+    Public keys from the control plane's JWKS URL, fetched with treq at start and every
+    C{refresh} seconds, and early (at most every C{min_interval} seconds) when a token names
+    a key id not seen yet, so rotated keys are picked up without waiting.
+    """
+
+    log = Logger()
+
+    def __init__(self, url: str, refresh: float, reactor: Any = None, min_interval: float = 10.0) -> None:
+        self.url = url
+        self.refresh = refresh
+        self.min_interval = min_interval
+        self.keys: dict[str, tuple[Any, str]] = {}
+        self.loaded = False
+        self._last_fetch = -1e9
+        self._fetching = False
+        self._loop = LoopingCall(self.fetch)
+        if reactor is not None:
+            self._loop.clock = reactor
+        self._clock = reactor
+
+    def _now(self) -> float:
+        if self._clock is None:
+            from twisted.internet import reactor
+            self._clock = reactor
+        return self._clock.seconds()
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.refresh, now=True)
+
+    def stopService(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def key_for(self, kid: str | None) -> tuple[Any, str] | None:
+        if kid is not None and kid in self.keys:
+            return self.keys[kid]
+        if kid is None and len(self.keys) == 1:
+            return next(iter(self.keys.values()))
+        if self._now() - self._last_fetch >= self.min_interval:
+            self.fetch()
+        return None
+
+    def fetch(self) -> Any:
+        if self._fetching:
+            return None
+        import treq
+        self._fetching = True
+        self._last_fetch = self._now()
+        d = treq.get(self.url, timeout=10)
+        d.addCallback(self._got_response)
+        d.addCallback(self._got_document)
+        d.addErrback(self._failed)
+
+        def done(_: Any) -> None:
+            self._fetching = False
+        d.addBoth(done)
+        return d
+
+    def _got_response(self, response: Any) -> Any:
+        if response.code != 200:
+            raise ValueError(f"HTTP {response.code}")
+        return response.json()
+
+    def _got_document(self, doc: Any) -> None:
+        keys: dict[str, tuple[Any, str]] = {}
+        for entry in (doc or {}).get("keys", []):
+            try:
+                jwk = jwt.PyJWK.from_dict(entry)
+            except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, KeyError) as e:
+                self.log.warn("JWKS {url}: skipping a key: {error}", url=self.url, error=str(e))
+                continue
+            algorithm = entry.get("alg") or {"RSA": "RS256", "EC": "ES256"}.get(entry.get("kty", ""))
+            if algorithm not in ("RS256", "ES256"):
+                self.log.warn("JWKS {url}: skipping key {kid} with algorithm {alg}",
+                              url=self.url, kid=entry.get("kid"), alg=algorithm)
+                continue
+            keys[entry.get("kid") or f"key-{len(keys)}"] = (jwk.key, algorithm)
+        if not keys:
+            raise ValueError("the document holds no usable RS256 or ES256 key")
+        self.keys = keys
+        self.loaded = True
+        metrics.JWKS_REFRESHES.labels(outcome="success").inc()
+        self.log.info("JWKS {url}: {count} keys", url=self.url, count=len(keys))
+
+    def _failed(self, failure: Any) -> None:
+        metrics.JWKS_REFRESHES.labels(outcome="failure").inc()
+        self.log.warn("JWKS {url} refresh failed, keeping {count} known keys: {error}",
+                      url=self.url, count=len(self.keys), error=failure.getErrorMessage())
+
+
 class TokenVerifier:
     def __init__(self, secret: str | None = None, public_key_pem: bytes | None = None,
                  issuer: str | None = None, audience: str | None = None,
-                 leeway: float = 30.0) -> None:
-        if (secret is None) == (public_key_pem is None):
+                 leeway: float = 30.0, jwks: JWKSKeys | None = None) -> None:
+        self.jwks = jwks
+        if jwks is not None:
+            if secret is not None or public_key_pem is not None:
+                raise ValueError("configure exactly one of a shared secret, a public key or a JWKS URL")
+            self._key = None
+            self.algorithms = ["RS256", "ES256"]
+        elif (secret is None) == (public_key_pem is None):
             raise ValueError("configure exactly one of a shared secret or a public key")
-        if secret is not None:
+        elif secret is not None:
             self._key: Any = secret
             self.algorithms = ["HS256"]
         else:
@@ -62,8 +166,19 @@ class TokenVerifier:
 
     def verify(self, token: str) -> AuthDecision:
         options = {"require": ["exp", "iat"], "verify_aud": self.audience is not None}
+        key, algorithms = self._key, self.algorithms
+        if self.jwks is not None:
+            try:
+                kid = jwt.get_unverified_header(token).get("kid")
+            except jwt.DecodeError:
+                return AuthDecision("malformed", 400, "the token is not a well-formed JWT")
+            found = self.jwks.key_for(kid)
+            if found is None:
+                return AuthDecision("bad_signature", 401, f"the token's key id {kid!r} is not known (yet)")
+            key, algorithm = found
+            algorithms = [algorithm]
         try:
-            claims = jwt.decode(token, self._key, algorithms=self.algorithms, options=options,
+            claims = jwt.decode(token, key, algorithms=algorithms, options=options,
                                 leeway=self.leeway, issuer=self.issuer, audience=self.audience)
         except jwt.ExpiredSignatureError:
             return AuthDecision("expired", 401, "the token has expired")
@@ -71,7 +186,7 @@ class TokenVerifier:
             return AuthDecision("bad_signature", 401, "the token's signature is not valid")
         except jwt.InvalidAlgorithmError:
             return AuthDecision("bad_signature", 401,
-                                f"the token's algorithm is not accepted (expected {self.algorithms[0]})")
+                                f"the token's algorithm is not accepted (expected {algorithms[0]})")
         except jwt.DecodeError:
             return AuthDecision("malformed", 400, "the token is not a well-formed JWT")
         except jwt.MissingRequiredClaimError as e:
@@ -110,7 +225,7 @@ def bearer_token(authorization: bytes | None) -> str | None:
     return value.strip() or None
 
 
-def verifier_from_config(auth: Any, source: str) -> TokenVerifier | None:
+def verifier_from_config(auth: Any, source: str, reactor: Any = None) -> TokenVerifier | None:
     """Build the verifier for an C{AuthConfig}; raise C{ConfigError} naming the key on failure."""
     from twisted_gateway.config import ConfigError
     secret = auth.jwt_secret
@@ -129,6 +244,9 @@ def verifier_from_config(auth: Any, source: str) -> TokenVerifier | None:
                 public_pem = f.read()
         except OSError as e:
             raise ConfigError(source, "auth.jwt_public_key", f"cannot read: {e.strerror}") from None
+    if auth.jwks_url:
+        return TokenVerifier(issuer=auth.issuer, audience=auth.audience, leeway=auth.leeway,
+                             jwks=JWKSKeys(auth.jwks_url, auth.jwks_refresh, reactor))
     if secret is None and public_pem is None:
         return None
     try:

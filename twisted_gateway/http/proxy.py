@@ -10,12 +10,13 @@ the connection becomes a splice.
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +28,9 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.iweb import IBodyProducer
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
@@ -126,9 +129,44 @@ class ProxyResource(Resource):
 
     # -- entry ----------------------------------------------------------------------------------
 
+    def start_stream(self, request: StreamingProxyRequest) -> StreamingBody | None:
+        """
+        Called with the first chunk of a request body: check the request and start forwarding
+        it, so the body streams to the shard as it arrives.  Returns the body pipe, or None
+        when the body should be kept for L{render} (refused or special requests).
+        """
+        if request.path == b"/auth-redirect" or request.requestHeaders.hasHeader(b"upgrade"):
+            return None
+        if not self.route.port.public:
+            decision = self._authorize(request)
+            if not decision.allowed:
+                request.refusal = decision
+                return None
+        channel = request.channel
+        if isinstance(channel, http.HTTPChannel):
+            pause, resume = channel.transport.pauseProducing, channel.transport.resumeProducing
+        else:  # an h2 stream: pausing withholds its flow-control window
+            pause, resume = channel.pauseProducing, channel.resumeProducing
+        body = StreamingBody(request.declared_length, pause, resume)
+        self._forward(request, body)
+        return body
+
     def render(self, request: Any) -> Any:
+        # render runs once the whole request has arrived.
+        streamed = getattr(request, "body", None)
+        received = getattr(request, "received", None)
+        if streamed is not None:
+            # The whole body has been passed on: end it and let the response through.
+            streamed.finish()
+        if received is not None and not received.called:
+            received.callback(None)
+        if streamed is not None:
+            return NOT_DONE_YET
         if request.path == b"/auth-redirect" and request.method == b"GET":
             return self._auth_redirect(request)
+        refusal = getattr(request, "refusal", None)
+        if refusal is not None:
+            return self._refuse(request, refusal)
         if not self.route.port.public:
             decision = self._authorize(request)
             if not decision.allowed:
@@ -230,17 +268,17 @@ class ProxyResource(Resource):
         parts = [p.strip() for p in value.split(b";")]
         return b"; ".join(p for p in parts if p and not p.startswith(self.ctx.cookie_name + b"="))
 
-    def _forward(self, request: Any) -> Any:
+    def _forward(self, request: Any, body: Any = None) -> Any:
         shard, port = self.route.shard, self.route.port
         address = f"[{shard.address}]" if ":" in shard.address else shard.address
         uri = f"http://{address}:{port.target_port}".encode() + request.uri
-        body = None
-        content = request.content
-        content.seek(0, 2)
-        length = content.tell()
-        content.seek(0)
-        if length or request.method not in _BODYLESS:
-            body = FileBodyProducer(content)
+        if body is None:
+            content = request.content
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0)
+            if length or request.method not in _BODYLESS:
+                body = FileBodyProducer(content)
         started = time.monotonic()
         d = self.ctx.agent.request(request.method, uri, self._upstream_headers(request), body)
         timed_out: list[bool] = []
@@ -265,6 +303,12 @@ class ProxyResource(Resource):
 
     def _got_response(self, response: Any, request: Any, forwarder: _BodyForwarder, started: float) -> None:
         metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - started)
+        received = getattr(request, "received", None)
+        if received is not None and not received.called:
+            # The shard answered before the client finished sending: hold the response (the
+            # shard's socket buffers it) until the request is complete, as HTTP/1.1 needs.
+            received.addCallback(lambda _: self._got_response(response, request, forwarder, started))
+            return
         if request._disconnected:
             response.deliverBody(Protocol())
             return
@@ -281,6 +325,13 @@ class ProxyResource(Resource):
         response.deliverBody(forwarder)
 
     def _upstream_error(self, failure: Failure, request: Any, timed_out: list[bool]) -> None:
+        received = getattr(request, "received", None)
+        if received is not None and not received.called:
+            body = getattr(request, "body", None)
+            if body is not None:
+                body.discard()
+            received.addCallback(lambda _: self._upstream_error(failure, request, timed_out))
+            return
         if request._disconnected:
             return
         shard = self.route.shard
@@ -336,5 +387,123 @@ class ProxyResource(Resource):
         return NOT_DONE_YET
 
 
+@implementer(IBodyProducer)
+class StreamingBody:
+    """
+    A request body passed to the shard as it arrives.  Until the upstream connection takes it
+    (startProducing), at most C{_HOLD} bytes are held and the client is paused beyond that;
+    afterwards the upstream transport's flow control pauses the client directly.
+    """
+
+    _HOLD = 256 * 1024
+
+    def __init__(self, length: int | None, pause: Any, resume: Any) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._pause, self._resume = pause, resume
+        self._consumer: Any = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._paused = False
+        self._finished = False
+        self._discarding = False
+        self._done: Deferred | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if self._consumer is not None:
+            self._consumer.write(data)
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > self._HOLD and not self._paused:
+            self._paused = True
+            self._pause()
+
+    def finish(self) -> None:
+        self._finished = True
+        if self._done is not None and not self._done.called:
+            self._done.callback(None)
+
+    def discard(self) -> None:
+        """The shard is gone: swallow the rest of the body."""
+        self._discarding = True
+        self._held = []
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        self._consumer = consumer
+        held, self._held = self._held, []
+        for chunk in held:
+            consumer.write(chunk)
+        self._held_bytes = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+        self._done = Deferred()
+        if self._finished:
+            self._done.callback(None)
+        return self._done
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._pause()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    def stopProducing(self) -> None:
+        # The upstream request was abandoned; its Deferred must not fire afterwards.
+        self.discard()
+        self._consumer = None
+
+
+class StreamingProxyRequest(Request):
+    """A twisted.web request whose body is streamed to the shard instead of spooled."""
+
+    body: StreamingBody | None = None
+    refusal: AuthDecision | None = None
+    declared_length: int | None = None
+
+    def __init__(self, resource: ProxyResource, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proxy = resource
+
+    def gotLength(self, length: int | None) -> None:
+        self.declared_length = length
+        self.content = io.BytesIO()
+        self.received = Deferred()
+        self._started = False
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self._started:
+            self._started = True
+            self._learn_request_line()
+            self.body = self.proxy.start_stream(self)
+        if self.body is not None:
+            self.body.write(data)
+        elif self.refusal is None:
+            # Kept for render (an /auth-redirect or upgrade request): bounded like the API.
+            if self.content.tell() < 1024 * 1024:
+                self.content.write(data)
+
+    def _learn_request_line(self) -> None:
+        channel = self.channel
+        if isinstance(channel, http.HTTPChannel):
+            self.method, uri, self.clientproto = channel._command, channel._path, channel._version
+        else:
+            self.method, uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
+        self.uri = uri
+        self.path = uri.split(b"?", 1)[0]
+
+
 def proxy_site(route: Route, ctx: HTTPRouteContext) -> Site:
-    return quiet_site(ProxyResource(route, ctx))
+    resource = ProxyResource(route, ctx)
+    site = quiet_site(resource)
+    site.requestFactory = lambda *args, **kwargs: StreamingProxyRequest(resource, *args, **kwargs)
+    return site
