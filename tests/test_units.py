@@ -202,3 +202,46 @@ def test_splice_idle_timeout():
     reactor.advance(2.5)
     reactor.advance(2.5)
     assert client_t.disconnecting and up_t.disconnecting
+
+
+# -- ACME pieces ----------------------------------------------------------------------------------
+
+def test_tls_alpn_challenge_certificate_follows_rfc_8737():
+    import hashlib
+    from cryptography import x509
+    from twisted_gateway.tls.acme.challenges import ACME_IDENTIFIER_OID, tls_alpn_certificate
+    cert, _ = tls_alpn_certificate("a-1.example.com", "token.thumbprint")
+    ext = cert.extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
+    assert ext.critical
+    assert ext.value.value == b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest()
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["a-1.example.com"]
+
+
+def test_token_bucket_limits_and_refills():
+    from twisted_gateway.tls.acme.manager import TokenBucket
+    now = [0.0]
+    bucket = TokenBucket(rate_per_minute=6, burst=2, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] += 10  # 6 per minute: one token per 10 s
+    assert bucket.take() and not bucket.take()
+
+
+def test_disk_store_round_trip_and_corruption(tmp_path):
+    from twisted_gateway.tls.acme.store import DiskCertificateStore
+    from twisted_gateway.tls.localca import LocalCA
+    ca = LocalCA(str(tmp_path / "ca"))
+    store = DiskCertificateStore(str(tmp_path / "state"))
+    pair = ca.issue(("*.gw.test", "gw.test"))
+    from cryptography.hazmat.primitives import serialization
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in pair.chain)
+    key = pair.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    store.save(("*.gw.test", "gw.test"), chain, key)
+    key_file = tmp_path / "state" / "acme" / "certificates" / "_wildcard.gw.test.key"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    loaded = DiskCertificateStore(str(tmp_path / "state")).load_all()
+    assert [s.names for s in loaded] == [("*.gw.test", "gw.test")]
+    (tmp_path / "state" / "acme" / "certificates" / "_wildcard.gw.test.pem").write_text("junk")
+    store2 = DiskCertificateStore(str(tmp_path / "state"))
+    assert store2.load_all() == [] and store2.corrupted == ["*.gw.test"]

@@ -17,8 +17,18 @@ from twisted_gateway import metrics, splice
 class AdminApp:
     app = Klein()
 
-    def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+    def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], http01: Any = None) -> None:
         self.readiness = readiness
+        self.http01 = http01
+
+    @app.route("/.well-known/acme-challenge/<string:token>", methods=["GET", "HEAD"])
+    def acme_challenge(self, request: Any, token: str) -> bytes:
+        answer = self.http01.answer(token) if self.http01 is not None else None
+        request.setHeader(b"content-type", b"text/plain")
+        if answer is None:
+            request.setResponseCode(404)
+            return b"no such challenge\n"
+        return answer.encode("ascii")
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Any) -> bytes:

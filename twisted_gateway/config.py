@@ -178,6 +178,52 @@ class APIConfig:
     cors_allowed_origin: str | None = _field(optional_url, None, "Origin allowed to call the API from a browser.")
 
 
+def fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"expected a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def name_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of DNS names, got {value!r}")
+    return tuple(hostname(v) for v in value)
+
+
+def host_port(value: Any) -> str:
+    if not isinstance(value, str) or ":" not in value or not value.rsplit(":", 1)[1].isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+@attrs.frozen
+class AcmeConfig:
+    enabled: bool = _field(boolean, False, "Obtain certificates from an ACME CA.")
+    ca_server: str = _field(optional_url, "https://acme-v02.api.letsencrypt.org/directory", "ACME directory URL.")
+    email: str | None = _field(optional_str, None, "Account contact e-mail.")
+    key_type: str = _field(one_of("ecdsa-p256", "rsa-2048"), "ecdsa-p256", "Certificate key type.")
+    ca_bundle: str | None = _field(optional_path, None, "CA bundle to trust for the ACME server's HTTPS.")
+    challenge: str = _field(one_of("http-01", "tls-alpn-01", "dns-01"), "tls-alpn-01", "Challenge for single names.")
+    wildcard: bool = _field(boolean, False, "Obtain *.<hostname> + <hostname> through dns-01.")
+    names: tuple[str, ...] = _field(name_list, (), "Extra names to keep certificates for.")
+    on_demand: str = _field(one_of("off", "directory", "ask"), "off", "On-demand issuance policy.")
+    ask_url: str | None = _field(optional_url, None, "URL asked (GET ?domain=NAME, 200 = yes) with on_demand: ask.")
+    on_demand_rate: float = _field(positive_number, 10.0, "On-demand orders per minute, at most.")
+    on_demand_wait: float = _field(non_negative_number, 0.0, "Seconds a handshake waits for an on-demand certificate.")
+    renew_fraction: float = _field(fraction, 2 / 3, "Renew at this fraction of the lifetime.")
+    check_interval: float = _field(positive_number, 60.0, "Seconds between renewal checks.")
+    retry_initial: float = _field(positive_number, 60.0, "First retry delay after a failure (doubles).")
+    retry_max: float = _field(positive_number, 3600.0, "Longest retry delay.")
+    dns_provider: str = _field(one_of("rfc2136", "exec"), "rfc2136", "How dns-01 records are published.")
+    dns_server: str = _field(host_port, "127.0.0.1:53", "RFC 2136 server (HOST:PORT).")
+    dns_zone: str | None = _field(optional_str, None, "Zone the RFC 2136 updates go to.")
+    tsig_name: str | None = _field(optional_str, None, "TSIG key name.")
+    tsig_secret: str | None = _field(optional_str, None, "TSIG secret (base64).")
+    tsig_algorithm: str = _field(one_of("hmac-sha256", "hmac-sha512", "hmac-sha1"), "hmac-sha256", "TSIG algorithm.")
+    dns_exec: str | None = _field(optional_str, None, "Command run as: CMD present|cleanup RECORD VALUE.")
+    dns_propagation_timeout: float = _field(positive_number, 60.0, "Seconds to wait for a TXT record to be visible.")
+
+
 @attrs.frozen
 class LogConfig:
     format: str = _field(one_of("text", "json"), "text", "Log line format.")
@@ -196,13 +242,14 @@ class GatewayConfig:
     http: HTTPConfig = attrs.field(factory=HTTPConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     api: APIConfig = attrs.field(factory=APIConfig)
+    acme: AcmeConfig = attrs.field(factory=AcmeConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
 _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
-    "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "log": LogConfig,
+    "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "log": LogConfig,
 }
 
 
@@ -268,6 +315,14 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
         raise ConfigError(source, f"auth.{keys[1]}", f"set only one of auth.jwt_secret, "
                           f"auth.jwt_secret_file, auth.jwt_public_key and auth.jwks_url "
                           f"(also set: auth.{keys[0]})")
+    acme = config.acme
+    if acme.enabled and (acme.wildcard or acme.challenge == "dns-01"):
+        if acme.dns_provider == "rfc2136" and not acme.dns_zone:
+            raise ConfigError(source, "acme.dns_zone", "dns-01 through rfc2136 needs the zone to update")
+        if acme.dns_provider == "exec" and not acme.dns_exec:
+            raise ConfigError(source, "acme.dns_exec", "dns-01 through exec needs the command")
+    if acme.on_demand == "ask" and not acme.ask_url:
+        raise ConfigError(source, "acme.ask_url", "on_demand: ask needs acme.ask_url")
     # Relative paths in the file are relative to the file's directory.
     if path_ is not None:
         base = os.path.dirname(os.path.abspath(path_))
@@ -287,6 +342,8 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
         for key in ("jwt_secret_file", "jwt_public_key"):
             if key in auth_doc:
                 config = attrs.evolve(config, auth=attrs.evolve(config.auth, **{key: rel(getattr(config.auth, key))}))
+        if "ca_bundle" in (doc.get("acme") or {}):
+            config = attrs.evolve(config, acme=attrs.evolve(config.acme, ca_bundle=rel(config.acme.ca_bundle)))
         if "state_dir" in doc and "state_dir" not in (overrides or {}):
             config = attrs.evolve(config, state_dir=rel(config.state_dir))
     return attrs.evolve(config, source=source)

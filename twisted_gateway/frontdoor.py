@@ -27,6 +27,8 @@ from twisted_gateway.names import Foreign, GatewayHost, ShardName, parse_name
 from twisted_gateway.splice import Splice
 from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.http.auth import task_covered
+from twisted_gateway.tls.acme.challenges import ACME_TLS_ALPN
+from twisted_gateway.tls.acme.manager import wait_for_certificate
 from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL, client_certificate_prefixes
 
 _HTTP_ALPN = (b"h2", b"http/1.1")
@@ -52,6 +54,7 @@ class FrontDoor(Protocol):
         self._reader: ch.ClientHelloReader | None = None
         self._timer: Any = None
         self._timed_out = False
+        self._closed = False
 
     # -- before TLS ------------------------------------------------------------------------
 
@@ -108,6 +111,14 @@ class FrontDoor(Protocol):
         if name is None:
             self._refuse_alert("no_sni", ch.ALERT_UNRECOGNIZED_NAME)
             return
+        if ACME_TLS_ALPN in hello.alpn:
+            challenge = self.gateway.tls_alpn.context_for(name)
+            if challenge is not None:
+                self._answer_tls_alpn_challenge(challenge)
+                return
+            # No challenge of ours is pending for this name: an ordinary connection, so that a
+            # shard's own TLS-ALPN-01 validation is never intercepted (acme-tls/1 is simply
+            # not selected).
         parsed = parse_name(name, self.gateway.hostname)
         if isinstance(parsed, Foreign):
             self._refuse_alert("unknown_name", ch.ALERT_UNRECOGNIZED_NAME)
@@ -166,8 +177,40 @@ class FrontDoor(Protocol):
 
     # -- TLS -----------------------------------------------------------------------------
 
+    def _answer_tls_alpn_challenge(self, ctx: SSL.Context) -> None:
+        """Complete a TLS-ALPN-01 validation handshake (RFC 8737 3) and close."""
+        metrics.ACME_CHALLENGE_HANDSHAKES.inc()
+        self.outcome = "acme_challenge"
+        reader, self._reader = self._reader, None
+        assert reader is not None
+        tls = TLSServerConnection(self.transport, SSL.Connection(ctx, None), _CloseAfterHandshake(),
+                                  self._handshake_completed, self._handshake_failed)
+        self._tls = tls
+        self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]
+        tls.start(reader.buffered)
+
     def _start_tls(self, name: str, protocols: tuple[bytes, ...], handler: Any,
                    client_auth_task: str | None = None) -> None:
+        acme = self.gateway.acme
+        if acme is not None and acme.config.on_demand_wait > 0 and not acme.issued(name):
+            acme.pair_for(name)  # may start an on-demand issuance
+            waiting = wait_for_certificate(acme, name, acme.config.on_demand_wait, self.reactor)
+            if waiting is not None:
+                # Hold the handshake (the ClientHello stays buffered) until the certificate
+                # arrives or the bound passes; then serve whatever is in force.
+                self.transport.pauseProducing()
+
+                def resume(_: Any) -> None:
+                    if self._closed:
+                        return
+                    self.transport.resumeProducing()
+                    self._start_tls_now(name, protocols, handler, client_auth_task)
+                waiting.addCallback(resume)
+                return
+        self._start_tls_now(name, protocols, handler, client_auth_task)
+
+    def _start_tls_now(self, name: str, protocols: tuple[bytes, ...], handler: Any,
+                       client_auth_task: str | None = None) -> None:
         ctx = self.gateway.contexts.context_for(name, protocols, client_auth_task is not None)
         if ctx is None:
             self._refuse_alert("no_certificate", ch.ALERT_UNRECOGNIZED_NAME)
@@ -246,6 +289,7 @@ class FrontDoor(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closed = True
         self._cancel_timer()
         if self._reader is not None:
             self._reader = None
@@ -271,6 +315,13 @@ class FrontDoor(Protocol):
             shard=route.shard.id if route else None, port=route.port.port if route else None,
             bytes_up=splice.bytes_up if splice else 0, bytes_down=splice.bytes_down if splice else 0,
             duration=self.reactor.seconds() - self._accepted)
+
+
+class _CloseAfterHandshake(Protocol):
+    """The handler of a TLS-ALPN-01 validation connection: the handshake is the answer."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
 
 
 class FrontDoorFactory(Factory):

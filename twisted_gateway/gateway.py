@@ -24,6 +24,14 @@ from twisted_gateway.http.proxy import HTTPRouteContext, proxy_site
 from twisted_gateway.http.api import GatewayAPI, openapi_document
 from twisted_gateway.http.errors import error_site, quiet_site
 from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource, load_client_ca
+from twisted_gateway.directory.model import Route
+from twisted_gateway.names import GatewayHost, ShardName, parse_name
+from twisted_gateway.tls.acme.challenges import (
+    ExecResponder, HTTP01Responder, RFC2136Responder, TLSALPN01Responder,
+)
+from twisted_gateway.tls.acme.client import AcmeIssuer
+from twisted_gateway.tls.acme.manager import AcmeCertificateSource
+from twisted_gateway.tls.acme.store import DiskCertificateStore
 from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
 
@@ -105,16 +113,24 @@ class Gateway:
         self.services: list[Service] = []
         ensure_private_dir(config.state_dir)
         client_ca = load_client_ca(config.tcp.client_ca) if config.tcp.client_ca else None
+        self.local_ca: LocalCA | None = None
+        source: Any
         if config.tls.certificate is not None:
             assert config.tls.private_key is not None
             source = StaticFileSource(config.tls.certificate, config.tls.private_key,
                                       config.tls.reload_interval)
             self.services.append(source)
-            self.local_ca: LocalCA | None = None
-            self.contexts = ContextCache(source, client_ca=client_ca)
         else:
             self.local_ca = LocalCA(config.state_dir)
-            self.contexts = ContextCache(LocalCASource(self.local_ca, self.hostname), client_ca=client_ca)
+            source = LocalCASource(self.local_ca, self.hostname)
+        self.http01 = HTTP01Responder()
+        self.tls_alpn = TLSALPN01Responder()
+        self.acme: AcmeCertificateSource | None = None
+        if config.acme.enabled:
+            self.acme = self._make_acme(source)
+            self.services.append(self.acme)
+            source = self.acme
+        self.contexts = ContextCache(source, client_ca=client_ca)
         self.http = HTTPRouteContext(
             reactor, self.hostname, verifier, config.tcp.connect_timeout, config.http.response_timeout,
             config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,
@@ -129,13 +145,37 @@ class Gateway:
             from twisted_gateway.demo import DemoService
             self.services.append(DemoService(reactor, self.directory, self.hostname))
         self.tls_listener = ListenerService("tls", reactor, config.listen.tls, FrontDoorFactory(self))
-        self.admin = AdminApp(self.readiness)
+        self.admin = AdminApp(self.readiness, self.http01)
         self.plain_listener = ListenerService("plain", reactor, config.listen.plain,
                                               quiet_site(self.admin.resource()))
         self.verifier = verifier
         if verifier is not None and verifier.jwks is not None:
             self.services.append(verifier.jwks)
         self.services += [self.tls_listener, self.plain_listener]
+
+    def _make_acme(self, fallback: Any) -> AcmeCertificateSource:
+        acme = self.config.acme
+        store = DiskCertificateStore(self.config.state_dir)
+        responders: dict[str, Any] = {"http-01": self.http01, "tls-alpn-01": self.tls_alpn}
+        if acme.dns_provider == "exec" and acme.dns_exec:
+            responders["dns-01"] = ExecResponder(acme.dns_exec, acme.dns_propagation_timeout)
+        elif acme.dns_zone:
+            host, _, port = acme.dns_server.rpartition(":")
+            responders["dns-01"] = RFC2136Responder(
+                host.strip("[]"), int(port), acme.dns_zone, acme.tsig_name, acme.tsig_secret,
+                acme.tsig_algorithm, propagation_timeout=acme.dns_propagation_timeout)
+        issuer = AcmeIssuer(acme.ca_server, acme.email, acme.key_type, acme.ca_bundle, store, responders)
+        return AcmeCertificateSource(self.reactor, issuer, store, fallback, acme, self.hostname,
+                                     self.name_is_routable)
+
+    def name_is_routable(self, name: str) -> bool:
+        """Whether C{name} is the gateway's or resolves to a shard: the on-demand policy."""
+        parsed = parse_name(name, self.hostname)
+        if isinstance(parsed, GatewayHost):
+            return True
+        if isinstance(parsed, ShardName):
+            return isinstance(self.directory.current().resolve(parsed.candidates), Route)
+        return False
 
     def error_site(self, status: int, code: str, message: str) -> Any:
         return error_site(status, code, message)
@@ -151,7 +191,11 @@ class Gateway:
             reasons.append("shard directory not loaded")
         if self.verifier is not None and self.verifier.jwks is not None and not self.verifier.jwks.loaded:
             reasons.append("JWKS keys not loaded")
-        return (not reasons, {"reasons": reasons, "shards": len(self.directory.current())})
+        detail: dict[str, Any] = {"reasons": reasons, "shards": len(self.directory.current())}
+        if self.acme is not None:
+            # Reported, not fatal: the fallback certificate still serves those names.
+            detail["certificates"] = self.acme.problems()
+        return (not reasons, detail)
 
     def service(self) -> GatewayService:
         root = GatewayService(logs.make_observer(self.config.log.format, self.config.log.level),

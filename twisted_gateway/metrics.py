@@ -132,3 +132,25 @@ JWKS_REFRESHES = Counter(
     "gateway_jwks_refreshes_total",
     "Fetches of the control plane's JWKS document, by outcome: success or failure (known keys stay).",
     ["outcome"], registry=REGISTRY)
+
+ACME_ISSUANCES = Counter(
+    "gateway_acme_issuances_total",
+    "ACME orders, by challenge type (http-01, tls-alpn-01, dns-01) and outcome (success, failure).",
+    ["challenge", "outcome"], registry=REGISTRY)
+
+ACME_ISSUE_SECONDS = Histogram(
+    "gateway_acme_issue_seconds",
+    "Time to obtain a certificate (successful orders).",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY)
+
+ACME_ON_DEMAND = Counter(
+    "gateway_acme_on_demand_total",
+    "On-demand issuance decisions for names seen in handshakes: allowed, not_in_directory, "
+    "denied_by_ask, ask_failed, rate_limited.",
+    ["decision"], registry=REGISTRY)
+
+ACME_CHALLENGE_HANDSHAKES = Counter(
+    "gateway_acme_tls_alpn_handshakes_total",
+    "TLS-ALPN-01 validation handshakes answered with a challenge certificate.",
+    registry=REGISTRY)

@@ -7,6 +7,7 @@ line on stderr naming the file (or flag), the key and the problem, and exit code
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -27,6 +28,38 @@ _FLAG_TO_KEY = {
     "log-format": "log.format",
     "log-level": "log.level",
 }
+
+
+class CertsOptions(usage.Options):
+    synopsis = "list"
+    longdesc = "Show the certificates the gateway keeps: names, issuer and expiry."
+
+    def parseArgs(self, action: str = "list") -> None:
+        if action != "list":
+            raise usage.UsageError(f"unknown certs action {action!r} (expected: list)")
+        self["action"] = action
+
+
+def print_certificates(config: GatewayConfig, out: Any = None) -> None:
+    from twisted_gateway.tls.acme.store import DiskCertificateStore, StoredCertificate, summarize
+    from twisted_gateway.tls.contexts import CertificateError, certificate_names, load_pair
+    out = out or sys.stdout
+    stored = DiskCertificateStore(config.state_dir).load_all() if os.path.isdir(config.state_dir) else []
+    rows = [dict(row, source="acme") for row in summarize(stored)]
+    if config.tls.certificate and config.tls.private_key:
+        try:
+            pair = load_pair(config.tls.certificate, config.tls.private_key)
+            rows += [dict(row, source="file") for row in summarize(
+                [StoredCertificate(tuple(certificate_names(pair.certificate)), pair)])]
+        except CertificateError as e:
+            rows.append({"names": "?", "issuer": str(e), "not_after": "?", "source": "file"})
+    if not rows:
+        out.write("no certificates stored\n")
+        return
+    width = max(len(r["names"]) for r in rows)
+    out.write(f"{'NAMES':<{width}}  {'SOURCE':<6}  {'NOT AFTER':<25}  ISSUER\n")
+    for r in rows:
+        out.write(f"{r['names']:<{width}}  {r['source']:<6}  {r['not_after']:<25}  {r['issuer']}\n")
 
 
 class Options(usage.Options):
@@ -52,6 +85,8 @@ class Options(usage.Options):
         ["log-level", None, None, "Lowest level logged: debug, info, warn, error, critical [default: info]."],
     ]
 
+    subCommands = [["certs", None, CertsOptions, "Show stored certificates (certs list) and exit."]]
+
     def opt_version(self) -> None:
         """Show the version and exit."""
         print(f"twisted-gateway {__version__}")
@@ -66,6 +101,9 @@ class Options(usage.Options):
             sys.stderr.write(f"gateway: {e}\n")
             sys.stderr.flush()
             raise SystemExit(2)
+        if self.subCommand == "certs":
+            print_certificates(self.config)
+            raise SystemExit(0)
 
 
 def makeService(options: Options) -> Any:

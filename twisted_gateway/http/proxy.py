@@ -286,11 +286,23 @@ class ProxyResource(Resource):
         def time_out() -> None:
             timed_out.append(True)
             d.cancel()
-        timer = self.ctx.reactor.callLater(self.ctx.response_timeout, time_out)
+        timers: list[Any] = []
+
+        def start_timer(_: Any = None) -> None:
+            # The response timeout runs from the end of the request: a long upload is not
+            # the shard being slow.
+            if not d.called:
+                timers.append(self.ctx.reactor.callLater(self.ctx.response_timeout, time_out))
+        received = getattr(request, "received", None)
+        if isinstance(body, StreamingBody) and received is not None and not received.called:
+            received.addCallback(start_timer)
+        else:
+            start_timer()
 
         def settled(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
             return result
         d.addBoth(settled)
         forwarder = _BodyForwarder(request)

@@ -1,0 +1,181 @@
+"""
+Debian's pebble (a test ACME server) and pebble-challtestsrv (a DNS server that answers every
+name with 127.0.0.1) started on loopback for the certificate tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import urllib.request
+
+from support import free_port, wait_for, which
+
+from twisted_gateway.tls.localca import LocalCA
+
+
+class Pebble:
+    def __init__(self, workdir: str, http_port: int, tls_port: int, dns_server: str | None = None,
+                 validity: int | None = None, env: dict | None = None) -> None:
+        self.dir = os.path.join(workdir, f"pebble-{free_port()}")
+        os.makedirs(self.dir)
+        ca = LocalCA(os.path.join(self.dir, "ca"))
+        self.ca_path = ca.cert_path
+        cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
+        ca.write_leaf(("localhost", "127.0.0.1"), cert, key)
+        self.port = free_port()
+        self.management_port = free_port()
+        config = {"pebble": {
+            "listenAddress": f"127.0.0.1:{self.port}",
+            "managementListenAddress": f"127.0.0.1:{self.management_port}",
+            "certificate": cert, "privateKey": key,
+            "httpPort": http_port, "tlsPort": tls_port,
+            "ocspResponderURL": "", "externalAccountBindingRequired": False,
+        }}
+        if validity is not None:
+            config["pebble"]["certificateValidityPeriod"] = validity
+        config_path = os.path.join(self.dir, "pebble.json")
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+        self.dns = None
+        if dns_server is None:
+            self.dns = ChallTestSrv()
+            dns_server = f"127.0.0.1:{self.dns.dns_port}"
+        self.log_lines: list[str] = []
+        cmd = [which("pebble"), "-config", config_path, "-strict=false", "-dnsserver", dns_server]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0",
+                     PEBBLE_AUTHZREUSE="0", **(env or {})))
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_for(self._up, 20, what="pebble listening")
+
+    @property
+    def directory_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/dir"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log_lines.append(line)
+
+    def _up(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            if self.proc.poll() is not None:
+                raise AssertionError("pebble exited:\n" + "".join(self.log_lines))
+            return False
+
+    def root_pem(self) -> str:
+        """The root that signs issued certificates (regenerated at every pebble start)."""
+        ctx = ssl.create_default_context(cafile=self.ca_path)
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.management_port}/roots/0",
+                                    context=ctx, timeout=10) as r:
+            return r.read().decode()
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.log_lines))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.dns is not None:
+            self.dns.stop()
+
+
+class ChallTestSrv:
+    def __init__(self) -> None:
+        self.dns_port = free_port()
+        self.management_port = free_port()
+        self.proc = subprocess.Popen(
+            [which("pebble-challtestsrv"), "-defaultIPv6", "", "-defaultIPv4", "127.0.0.1",
+             "-dns01", f"127.0.0.1:{self.dns_port}", "-management", f"127.0.0.1:{self.management_port}",
+             "-http01", "", "-https01", "", "-tlsalpn01", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.management_port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        wait_for(up, 20, what="challtestsrv")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Knot:
+    """Debian's knotd serving one zone on loopback and accepting TSIG-signed RFC 2136 updates."""
+
+    def __init__(self, workdir: str, zone: str) -> None:
+        import base64
+        self.dir = os.path.join(workdir, f"knot-{free_port()}")
+        os.makedirs(os.path.join(self.dir, "db"))
+        self.port = free_port()
+        self.zone = zone
+        self.tsig_name = "acme-key"
+        self.tsig_secret = base64.b64encode(os.urandom(32)).decode()
+        with open(os.path.join(self.dir, "knot.conf"), "w") as f:
+            f.write(f"""server:
+    rundir: {self.dir}
+    listen: 127.0.0.1@{self.port}
+database:
+    storage: {self.dir}/db
+key:
+  - id: {self.tsig_name}
+    algorithm: hmac-sha256
+    secret: {self.tsig_secret}
+acl:
+  - id: update_acl
+    key: {self.tsig_name}
+    action: update
+zone:
+  - domain: {zone}
+    storage: {self.dir}
+    file: zone.db
+    acl: update_acl
+    zonefile-sync: -1
+    journal-content: changes
+""")
+        with open(os.path.join(self.dir, "zone.db"), "w") as f:
+            f.write(f"""$ORIGIN {zone}.
+$TTL 60
+@ SOA ns.{zone}. admin.{zone}. 1 60 60 3600 60
+@ NS ns.{zone}.
+ns A 127.0.0.1
+@ A 127.0.0.1
+* A 127.0.0.1
+""")
+        self.proc = subprocess.Popen([which("knotd"), "-c", os.path.join(self.dir, "knot.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise AssertionError("knotd exited")
+                return False
+        wait_for(up, 20, what="knotd")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

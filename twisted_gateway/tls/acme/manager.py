@@ -1,0 +1,296 @@
+"""
+Keeps ACME certificates: which names are managed, when to issue and renew them, on-demand
+issuance for shard names, and the fallback while a certificate is missing.
+
+Safety against the known failures of peers: an on-demand name must pass the policy (the name
+resolves to a shard in the directory, or an ``ask`` URL says yes) before any ACME request; a
+global rate limit and a per-name exponential backoff with jitter bound how often the CA is
+asked; certificates are stored and loaded at start, so a restart (or a crash loop) issues
+nothing while stored certificates are valid.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Callable
+from urllib.parse import quote
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_gateway import metrics
+from twisted_gateway.tls.acme.client import AcmeIssuer, IssuanceError
+from twisted_gateway.tls.acme.store import ICertificateStore, StoredCertificate
+from twisted_gateway.tls.contexts import ICertificateSource
+from twisted_gateway.tls.localca import KeyPair
+
+Names = tuple[str, ...]
+
+
+class TokenBucket:
+    def __init__(self, rate_per_minute: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate_per_minute / 60.0
+        self.burst = burst
+        self.tokens = burst
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@implementer(ICertificateSource)
+class AcmeCertificateSource(Service):
+    log = Logger()
+
+    def __init__(self, reactor: Any, issuer: AcmeIssuer, store: ICertificateStore,
+                 fallback: ICertificateSource, config: Any, hostname: str,
+                 name_allowed: Callable[[str], bool], threadpool: Any = None) -> None:
+        self.reactor = reactor
+        self.issuer = issuer
+        self.store = store
+        self.fallback = fallback
+        self.config = config
+        self.hostname = hostname
+        self.name_allowed = name_allowed
+        self._threadpool = threadpool
+        self._certs: dict[str, StoredCertificate] = {}
+        self._managed: dict[Names, str] = {}
+        self._in_flight: dict[Names, Deferred] = {}
+        self._failures: dict[Names, int] = {}
+        self._next_attempt: dict[Names, float] = {}
+        self._renew_at: dict[Names, float] = {}
+        self._denied: dict[str, float] = {}
+        self._generation = 0
+        self._semaphore = DeferredSemaphore(2)
+        self._bucket = TokenBucket(config.on_demand_rate, max(1.0, config.on_demand_rate), reactor.seconds)
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = reactor
+
+    # -- ICertificateSource -------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> StoredCertificate | None:
+        stored = self._certs.get(name)
+        if stored is None and "." in name:
+            stored = self._certs.get("*." + name.split(".", 1)[1])
+        if stored is not None and stored.not_after <= time.time():
+            return None
+        return stored
+
+    def pair_for(self, name: str) -> KeyPair | None:
+        stored = self._lookup(name)
+        if stored is not None:
+            return stored.pair
+        self._maybe_on_demand(name)
+        return self.fallback.pair_for(name)
+
+    def generation(self) -> int:
+        return self._generation
+
+    def pending(self, name: str) -> Deferred | None:
+        """A Deferred that fires when an issuance covering C{name} ends, if one is running."""
+        for names, d in self._in_flight.items():
+            if name in names:
+                waiter: Deferred = Deferred()
+                d.addBoth(lambda result: (waiter.callback(None), result)[1])
+                return waiter
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for stored in self.store.load_all():
+            self._install(stored)
+            self._managed.setdefault(stored.names, self._challenge_for(stored.names))
+        if self.config.wildcard:
+            self._managed.setdefault((f"*.{self.hostname}", self.hostname), "dns-01")
+        for name in self.config.names:
+            self._managed.setdefault((name,), self.config.challenge)
+        for name in getattr(self.store, "corrupted", []):
+            # A stored certificate that no longer parses is replaced.
+            if not any(names[0] == name for names in self._managed):
+                self._managed[(name,)] = self._challenge_for((name,))
+        self._loop.start(self.config.check_interval, now=True)
+
+    def stopService(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def _challenge_for(self, names: Names) -> str:
+        return "dns-01" if any(n.startswith("*.") for n in names) else self.config.challenge
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Issue what is missing and renew what is due (respecting each name's backoff)."""
+        now = self.reactor.seconds()
+        for names, challenge in list(self._managed.items()):
+            if names in self._in_flight or now < self._next_attempt.get(names, 0):
+                continue
+            stored = self._certs.get(names[0])
+            if stored is None or time.time() >= self._renew_at.get(names, 0):
+                self._issue(names, challenge, "renewal" if stored is not None else "missing")
+
+    def _maybe_on_demand(self, name: str) -> None:
+        mode = self.config.on_demand
+        if mode == "off" or (name,) in self._managed or (name,) in self._in_flight:
+            return
+        now = self.reactor.seconds()
+        if self._denied.get(name, 0) > now:
+            return
+        if mode == "directory":
+            if not self.name_allowed(name):
+                self._deny(name, "not_in_directory")
+                return
+            self._admit(name)
+        else:
+            self._ask(name)
+
+    def _deny(self, name: str, why: str) -> None:
+        metrics.ACME_ON_DEMAND.labels(decision=why).inc()
+        # Remember the refusal briefly so a flood of one name costs one decision.
+        self._denied[name] = self.reactor.seconds() + 60
+        if len(self._denied) > 10000:
+            self._denied.clear()
+
+    def _admit(self, name: str) -> None:
+        if not self._bucket.take():
+            metrics.ACME_ON_DEMAND.labels(decision="rate_limited").inc()
+            return
+        metrics.ACME_ON_DEMAND.labels(decision="allowed").inc()
+        self._managed[(name,)] = self.config.challenge
+        self._issue((name,), self.config.challenge, "on_demand")
+
+    def _ask(self, name: str) -> None:
+        import treq
+        self._denied[name] = self.reactor.seconds() + 5  # one question in flight per name
+        url = self.config.ask_url + ("&" if "?" in self.config.ask_url else "?") + "domain=" + quote(name)
+        d = treq.get(url, timeout=5)
+
+        def answered(response: Any) -> None:
+            if response.code == 200:
+                self._denied.pop(name, None)
+                self._admit(name)
+            else:
+                self._deny(name, "denied_by_ask")
+        d.addCallbacks(answered, lambda f: self._deny(name, "ask_failed"))
+
+    # -- issuance -------------------------------------------------------------------------------
+
+    def _issue(self, names: Names, challenge: str, reason: str) -> Deferred:
+        if names in self._in_flight:
+            return self._in_flight[names]
+        started = self.reactor.seconds()
+        self.log.info("requesting a certificate for {names} ({reason}, {challenge})",
+                      names=", ".join(names), reason=reason, challenge=challenge)
+
+        def run() -> tuple[StoredCertificate, float | None]:
+            chain, key = self.issuer.issue(names, challenge)
+            stored = self.store.save(names, chain, key)
+            ari = None
+            try:
+                if self.issuer.has_renewal_info():
+                    when = self.issuer.renewal_time(chain)
+                    ari = when.timestamp() if when is not None else None
+            except Exception as e:  # noqa: BLE001 - ARI is advice; the lifetime rule still applies
+                self.log.warn("renewal info for {names} unavailable: {error}", names=", ".join(names), error=str(e))
+            return stored, ari
+
+        def in_thread() -> Deferred:
+            if self._threadpool is not None:
+                return deferToThreadPool(self.reactor, self._threadpool, run)
+            return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), run)
+
+        d = self._semaphore.run(in_thread)
+        self._in_flight[names] = d
+
+        def issued(result: tuple[StoredCertificate, float | None]) -> None:
+            stored, ari = result
+            elapsed = self.reactor.seconds() - started
+            metrics.ACME_ISSUANCES.labels(challenge=challenge, outcome="success").inc()
+            metrics.ACME_ISSUE_SECONDS.observe(elapsed)
+            self._failures.pop(names, None)
+            self._next_attempt.pop(names, None)
+            self._install(stored, ari)
+            self.log.info("certificate for {names} issued in {elapsed:.2f}s, valid until {not_after}",
+                          names=", ".join(names), elapsed=elapsed,
+                          not_after=stored.pair.certificate.not_valid_after_utc.isoformat())
+
+        def failed(failure: Any) -> None:
+            metrics.ACME_ISSUANCES.labels(challenge=challenge, outcome="failure").inc()
+            count = self._failures.get(names, 0) + 1
+            self._failures[names] = count
+            delay = min(self.config.retry_max, self.config.retry_initial * 2 ** (count - 1))
+            delay *= random.uniform(0.5, 1.0)  # jitter: instances do not retry in step
+            self._next_attempt[names] = self.reactor.seconds() + delay
+            error = failure.getErrorMessage() if failure.check(IssuanceError) else repr(failure.value)
+            self.log.warn("certificate for {names} failed (attempt {count}), retrying in {delay:.0f}s: "
+                          "{error}", names=", ".join(names), count=count, delay=delay, error=error)
+
+        def settled(result: Any) -> Any:
+            self._in_flight.pop(names, None)
+            return result
+        d.addCallbacks(issued, failed)
+        d.addBoth(settled)
+        return d
+
+    def _install(self, stored: StoredCertificate, ari: float | None = None) -> None:
+        for name in stored.names:
+            self._certs[name] = stored
+            metrics.CERTIFICATE_NOT_AFTER.labels(name=name).set(stored.not_after)
+        lifetime = stored.not_after - stored.not_before
+        # The CA's suggested window (ARI, RFC 9773) wins when offered; else a fixed fraction.
+        self._renew_at[stored.names] = ari if ari is not None else \
+            stored.not_before + lifetime * self.config.renew_fraction
+        self._generation += 1
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def problems(self) -> dict[str, list[str]]:
+        missing, expired = [], []
+        now = time.time()
+        for names in self._managed:
+            stored = self._certs.get(names[0])
+            if stored is None:
+                missing.append(names[0])
+            elif stored.not_after <= now:
+                expired.append(names[0])
+        return {"missing": sorted(missing), "expired": sorted(expired)}
+
+    def issued(self, name: str) -> bool:
+        return self._lookup(name) is not None
+
+
+def wait_for_certificate(source: Any, name: str, bound: float, reactor: Any) -> Deferred | None:
+    """A Deferred firing when an issuance for C{name} ends or C{bound} seconds pass."""
+    if bound <= 0 or not isinstance(source, AcmeCertificateSource):
+        return None
+    pending = source.pending(name)
+    if pending is None:
+        return None
+    done: Deferred = Deferred()
+    timer = reactor.callLater(bound, lambda: done.called or done.callback(None))
+
+    def finished(_: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+    pending.addBoth(finished)
+    return done
+
+
+__all__ = ["AcmeCertificateSource", "TokenBucket", "wait_for_certificate", "succeed"]
