@@ -20,7 +20,7 @@ from twisted_gateway.tls.localca import LocalCA
 
 class Pebble:
     def __init__(self, workdir: str, http_port: int, tls_port: int, dns_server: str | None = None,
-                 validity: int | None = None, env: dict | None = None) -> None:
+                 validity: int | None = None, env: dict | None = None, start: bool = True) -> None:
         self.dir = os.path.join(workdir, f"pebble-{free_port()}")
         os.makedirs(self.dir)
         ca = LocalCA(os.path.join(self.dir, "ca"))
@@ -29,6 +29,9 @@ class Pebble:
         ca.write_leaf(("localhost", "127.0.0.1"), cert, key)
         self.port = free_port()
         self.management_port = free_port()
+        self.log_lines: list[str] = []
+        self.dns = None
+        self.proc = None
         config = {"pebble": {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
@@ -38,19 +41,24 @@ class Pebble:
         }}
         if validity is not None:
             config["pebble"]["certificateValidityPeriod"] = validity
-        config_path = os.path.join(self.dir, "pebble.json")
-        with open(config_path, "w") as f:
+        self.config_path = os.path.join(self.dir, "pebble.json")
+        with open(self.config_path, "w") as f:
             json.dump(config, f)
-        self.dns = None
+        self._dns_server = dns_server
+        self._env = env or {}
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        dns_server = self._dns_server
         if dns_server is None:
             self.dns = ChallTestSrv()
             dns_server = f"127.0.0.1:{self.dns.dns_port}"
-        self.log_lines: list[str] = []
-        cmd = [which("pebble"), "-config", config_path, "-strict=false", "-dnsserver", dns_server]
+        cmd = [which("pebble"), "-config", self.config_path, "-strict=false", "-dnsserver", dns_server]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0",
-                     PEBBLE_AUTHZREUSE="0", **(env or {})))
+                     PEBBLE_AUTHZREUSE="0", **self._env))
         threading.Thread(target=self._read, daemon=True).start()
         wait_for(self._up, 20, what="pebble listening")
 
@@ -83,7 +91,7 @@ class Pebble:
         return sum(text in line for line in list(self.log_lines))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
