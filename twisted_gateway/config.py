@@ -224,6 +224,42 @@ class AcmeConfig:
     dns_propagation_timeout: float = _field(positive_number, 60.0, "Seconds to wait for a TXT record to be visible.")
 
 
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return value
+
+
+def networks(value: Any) -> tuple[str, ...]:
+    from twisted_gateway.limits import parse_networks
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of CIDR networks, got {value!r}")
+    parse_networks(value)
+    return tuple(value)
+
+
+@attrs.frozen
+class LimitsConfig:
+    max_connections: int = _field(non_negative_int, 20000, "Concurrent TLS connections (0: no limit).")
+    max_connections_per_ip: int = _field(non_negative_int, 512, "Concurrent TLS connections per client IP (0: no limit).")
+    connection_rate_per_ip: float = _field(non_negative_number, 0.0, "New connections per second per client IP (0: off).")
+    connection_burst_per_ip: float = _field(non_negative_number, 0.0, "Burst for connection_rate_per_ip (0: twice the rate).")
+    request_rate_per_ip: float = _field(non_negative_number, 0.0, "HTTP requests per second per client IP (0: off).")
+    request_rate_per_token: float = _field(non_negative_number, 0.0, "HTTP requests per second per token subject (0: off).")
+    request_burst: float = _field(non_negative_number, 0.0, "Burst for the request rates (0: twice the rate).")
+    allow: tuple[str, ...] = _field(networks, (), "If set, only these client networks may connect.")
+    deny: tuple[str, ...] = _field(networks, (), "Client networks refused.")
+    max_header_bytes: int = _field(positive_int, 16384, "Largest HTTP/1.1 request head.")
+    max_headers: int = _field(positive_int, 100, "Most HTTP/1.1 request header fields.")
+    http_idle_timeout: float = _field(positive_number, 120.0, "Seconds an idle HTTP connection is kept.")
+    drain_timeout: float = _field(positive_number, 30.0, "Seconds open connections get to finish on SIGTERM.")
+
+
+@attrs.frozen
+class ProxyProtocolConfig:
+    trusted: tuple[str, ...] = _field(networks, (), "Load balancers whose PROXY v1/v2 headers are accepted (and required).")
+
+
 @attrs.frozen
 class LogConfig:
     format: str = _field(one_of("text", "json"), "text", "Log line format.")
@@ -243,13 +279,16 @@ class GatewayConfig:
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     api: APIConfig = attrs.field(factory=APIConfig)
     acme: AcmeConfig = attrs.field(factory=AcmeConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    proxy_protocol: ProxyProtocolConfig = attrs.field(factory=ProxyProtocolConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
 _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
-    "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "log": LogConfig,
+    "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "limits": LimitsConfig,
+    "proxy_protocol": ProxyProtocolConfig, "log": LogConfig,
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -23,7 +24,13 @@ from zope.interface import implementer
 from twisted_gateway import clienthello as ch
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Refusal, Route
+from twisted.web.http import HTTPChannel
+
+from twisted_gateway.limits import in_networks
 from twisted_gateway.names import Foreign, GatewayHost, ShardName, parse_name
+from twisted_gateway.proxyheader import (
+    ProxyHeaderError, ProxyHeaderReader, build_v2, looks_like_proxy_header,
+)
 from twisted_gateway.splice import Splice
 from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.http.auth import task_covered
@@ -55,6 +62,11 @@ class FrontDoor(Protocol):
         self._timer: Any = None
         self._timed_out = False
         self._closed = False
+        self._admitted = False
+        self._proxy_reader: ProxyHeaderReader | None = None
+        self._client_address: Any = None
+        self._reader_bytes = b""
+        self.http_protocol: Any = None
 
     # -- before TLS ------------------------------------------------------------------------
 
@@ -62,12 +74,57 @@ class FrontDoor(Protocol):
         metrics.CONNECTIONS_ACCEPTED_TLS.inc()
         metrics.CONNECTIONS_ACTIVE.inc()
         self._accepted = self.reactor.seconds()
+        peer = self.transport.getPeer()
+        self.client_host: str = getattr(peer, "host", "?")
+        self.client_port: int = getattr(peer, "port", 0)
+        self.gateway.connections.add(self)
         self._reader = ch.ClientHelloReader(self.gateway.config.tls.max_client_hello_bytes)
         self._timer = self.reactor.callLater(self.gateway.config.tls.handshake_timeout,
                                              self._handshake_timed_out)
         self.transport.setTcpNoDelay(True)
+        if self.gateway.draining:
+            self._refuse_connection("draining")
+            return
+        admission = self.gateway.admission
+        if admission.trusted_proxies and in_networks(self.client_host, admission.trusted_proxies):
+            # A trusted balancer: the real client's address comes first, in a PROXY header.
+            self._proxy_reader = ProxyHeaderReader()
+        else:
+            self._admit()
+
+    def _admit(self) -> bool:
+        why = self.gateway.admission.admit(self.client_host)
+        if why is not None:
+            self._refuse_connection(why)
+            return False
+        self._admitted = True
+        return True
+
+    def _refuse_connection(self, why: str) -> None:
+        metrics.CONNECTIONS_REFUSED.labels(reason=why).inc()
+        self.outcome = "refused"
+        self.log.debug("refused connection from {client}: {why}", client=self._peer(), why=why)
+        self._proxy_reader = None
+        self._close_now()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._proxy_reader is not None:
+            try:
+                result = self._proxy_reader.feed(data)
+            except ProxyHeaderError as e:
+                self.log.info("invalid PROXY header from trusted {peer}: {error}", peer=self._peer(), error=str(e))
+                self._refuse_connection("proxy_header")
+                return
+            if result is None:
+                return
+            self._proxy_reader = None
+            address, data = result
+            if address.host is not None:
+                self.client_host, self.client_port = address.host, address.port or 0
+                self._client_address = (IPv6Address if ":" in address.host else IPv4Address)(
+                    "TCP", address.host, self.client_port)
+            if not self._admit() or not data:
+                return
         reader = self._reader
         if reader is None:
             return  # already refused; ignore what is still in flight
@@ -75,6 +132,7 @@ class FrontDoor(Protocol):
         if result is ch.NEED_MORE:
             return
         if isinstance(result, ch.HelloError):
+            self._reader_bytes = reader.buffered[:16]
             self._reader = None
             self._refuse_hello(result)
             return
@@ -82,6 +140,10 @@ class FrontDoor(Protocol):
         self._route(result)
 
     def _refuse_hello(self, err: ch.HelloError) -> None:
+        if err.reason == "not_tls" and looks_like_proxy_header(self._reader_bytes):
+            # A PROXY header from a peer that is not a trusted balancer: refused, never parsed.
+            self._refuse_connection("untrusted_proxy_header")
+            return
         metrics.HANDSHAKE_FAILURES.labels(reason=err.reason).inc()
         self.log.debug("refused {peer}: {detail}", peer=self._peer(), detail=err.detail)
         if err.reason == "http_on_tls_port":
@@ -125,7 +187,7 @@ class FrontDoor(Protocol):
             return
         if isinstance(parsed, GatewayHost):
             self.outcome = "api"
-            self._start_tls(name, _HTTP_ALPN, self.gateway.api_site.buildProtocol(self.transport.getPeer()))
+            self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.gateway.api_site))
             return
         assert isinstance(parsed, ShardName)
         result = self.gateway.directory.current().resolve(parsed.candidates)
@@ -133,11 +195,16 @@ class FrontDoor(Protocol):
             self._refuse_route(name, hello, result)
             return
         self.route = result
+        port_filter = self.gateway.port_filter(result.port)
+        if port_filter is not None and not port_filter.permits(self.client_host):
+            self._refuse_route(name, hello, Refusal(
+                "denied_ip", f"port {result.port.port} of {result.shard.hostname_label} does not "
+                             f"admit {self.client_host}"), alert=ch.ALERT_ACCESS_DENIED)
+            return
         protocol = result.port.protocol
         if protocol == "http/1.1":
             self.outcome = "http"
-            self._start_tls(name, _HTTP_ALPN, self.gateway.proxy_site(result).buildProtocol(
-                self.transport.getPeer()))
+            self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.gateway.proxy_site(result)))
             return
         client_auth = False
         if not result.port.public and protocol == "tcp" and self.gateway.contexts.client_ca:
@@ -152,8 +219,13 @@ class FrontDoor(Protocol):
         # tcp, and h2 ports (spliced as is to the shard's h2c prior-knowledge listener, so
         # gRPC trailers and every h2 feature pass through untouched).
         self.outcome = "tcp" if protocol == "tcp" else "http"
+        preamble = b""
+        if result.port.send_proxy:
+            local = self.transport.getHost()
+            preamble = build_v2(self.client_host, self.client_port, local.host, local.port)
         self.splice = Splice(result, self.reactor, self.gateway.config.tcp.connect_timeout,
-                             self.gateway.config.tcp.idle_timeout, self._upstream_failed)
+                             self.gateway.config.tcp.idle_timeout, self._upstream_failed,
+                             preamble=preamble)
         self.splice.connect()
         self._start_tls(name, ALPN_FOR_PROTOCOL[protocol], self.splice.client,
                         client_auth_task=result.shard.task if client_auth else None)
@@ -170,7 +242,37 @@ class FrontDoor(Protocol):
         self.log.debug("refused {peer} for {name}: {detail}", peer=self._peer(), name=name,
                        detail=refusal.detail)
         site = self.gateway.error_site(refusal.http_status, refusal.reason, refusal.detail)
-        self._start_tls(name, _HTTP_ALPN, site.buildProtocol(self.transport.getPeer()))
+        self._start_tls(name, _HTTP_ALPN, self._http_protocol(site))
+
+    def _http_protocol(self, site: Any) -> Any:
+        """An HTTP channel for C{site} with the configured limits."""
+        limits = self.gateway.config.limits
+        site.timeOut = limits.http_idle_timeout
+        proto = site.buildProtocol(self._client_address or self.transport.getPeer())
+        channel = getattr(proto, "_channel", None)
+        if channel is not None:
+            channel.totalHeadersSize = limits.max_header_bytes
+            channel.maxHeaders = limits.max_headers
+        self.http_protocol = proto
+        return proto
+
+    def drain(self) -> None:
+        """The gateway is stopping: end HTTP keep-alive after the request in progress."""
+        proto = self.http_protocol
+        tls = self._tls
+        if proto is None or tls is None or not tls.handshake_done:
+            return
+        channel = getattr(proto, "_channel", None)
+        if isinstance(channel, HTTPChannel):
+            channel.persistent = False
+            if not channel.requests:
+                tls.loseConnection()
+        elif channel is not None and hasattr(channel, "conn"):
+            # h2: GOAWAY, so the client opens no new streams; close once none is left.
+            channel.conn.close_connection()
+            channel._tryToWriteControlData()
+            if not channel.streams:
+                tls.loseConnection()
 
     def _upstream_failed(self, why: str) -> None:
         self.outcome = "upstream_failed"
@@ -223,6 +325,7 @@ class FrontDoor(Protocol):
                             self._client_certificate_check(client_auth_task))
         tls = TLSServerConnection(self.transport, conn, handler,
                                   self._handshake_completed, self._handshake_failed)
+        tls.peer = self._client_address
         self._tls = tls
         self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]
         tls.start(reader.buffered)
@@ -291,6 +394,10 @@ class FrontDoor(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
         self._cancel_timer()
+        self.gateway.connections.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self.gateway.admission.release(self.client_host)
         if self._reader is not None:
             self._reader = None
             metrics.HANDSHAKE_FAILURES.labels(reason="client_closed").inc()
@@ -302,8 +409,7 @@ class FrontDoor(Protocol):
             self._access_log()
 
     def _peer(self) -> str:
-        peer = self.transport.getPeer()
-        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        return f"{self.client_host}:{self.client_port}"
 
     def _access_log(self) -> None:
         route = self.route

@@ -6,14 +6,21 @@ listeners, and builds the service tree that twistd runs.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 
-from twisted_gateway import logs
+from twisted_gateway import logs, metrics
+from twisted_gateway.config import ConfigError, load_config
+from twisted_gateway.http.auth import verifier_from_config
+from twisted_gateway.limits import Admission, IPFilter, parse_networks
 from twisted_gateway.admin import AdminApp
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.file import FileDirectoryProvider
@@ -80,17 +87,28 @@ class ListenerService(Service):
 
 
 class GatewayService(MultiService):
-    """The root service; when parented to a twistd Application it installs the log observer."""
+    """
+    The root service.  When parented to a twistd Application it installs the log observer; on
+    start it installs the SIGHUP handler; on stop it drains open connections before the rest of
+    the services stop.
+    """
 
-    def __init__(self, observer: Any, on_start: Any = None) -> None:
+    def __init__(self, observer: Any, gateway: Gateway) -> None:
         super().__init__()
         self.observer = observer
-        self.on_start = on_start
+        self.gateway = gateway
 
     def startService(self) -> None:
         super().startService()
-        if self.on_start is not None:
-            self.on_start()
+        self.gateway.started()
+        if hasattr(signal, "SIGHUP"):  # POSIX only; on Windows reload by restarting the service
+            reactor = self.gateway.reactor
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.gateway.reload))
+
+    def stopService(self) -> Any:
+        d = self.gateway.drain()
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -102,7 +120,8 @@ class Gateway:
     log = Logger()
 
     def __init__(self, config: GatewayConfig, reactor: Any = None,
-                 verifier: TokenVerifier | None = None) -> None:
+                 verifier: TokenVerifier | None = None,
+                 reload_from: tuple[str | None, dict[str, Any]] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -111,6 +130,13 @@ class Gateway:
         self.hostname = config.hostname
         self.directory = ShardDirectory()
         self.services: list[Service] = []
+        self.reload_from = reload_from
+        self.connections: set[Any] = set()
+        self.draining = False
+        self.admission = Admission(config.limits, config.proxy_protocol, reactor.seconds)
+        self._port_filters: dict[tuple[tuple[str, ...], tuple[str, ...]], IPFilter] = {}
+        self.static_source: StaticFileSource | None = None
+        self.directory_provider: FileDirectoryProvider | None = None
         ensure_private_dir(config.state_dir)
         client_ca = load_client_ca(config.tcp.client_ca) if config.tcp.client_ca else None
         self.local_ca: LocalCA | None = None
@@ -119,6 +145,7 @@ class Gateway:
             assert config.tls.private_key is not None
             source = StaticFileSource(config.tls.certificate, config.tls.private_key,
                                       config.tls.reload_interval)
+            self.static_source = source
             self.services.append(source)
         else:
             self.local_ca = LocalCA(config.state_dir)
@@ -135,12 +162,14 @@ class Gateway:
             reactor, self.hostname, verifier, config.tcp.connect_timeout, config.http.response_timeout,
             config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,
             config.http.pool_size)
+        self.http.admission = lambda: self.admission
         self.api = GatewayAPI(self.directory, verifier, self.hostname, config.api.cors_allowed_origin,
                               lambda: openapi_document(self.hostname))
         self.api_site = quiet_site(self.api.resource())
         if config.directory.file is not None:
-            self.services.append(FileDirectoryProvider(
-                config.directory.file, self.directory, config.directory.poll_interval))
+            self.directory_provider = FileDirectoryProvider(
+                config.directory.file, self.directory, config.directory.poll_interval)
+            self.services.append(self.directory_provider)
         else:
             from twisted_gateway.demo import DemoService
             self.services.append(DemoService(reactor, self.directory, self.hostname))
@@ -183,8 +212,22 @@ class Gateway:
     def proxy_site(self, route: Any) -> Any:
         return proxy_site(route, self.http)
 
+    def port_filter(self, port: Any) -> IPFilter | None:
+        """The allow/deny filter of a shard port, or None when it has none."""
+        if not port.allow and not port.deny:
+            return None
+        key = (port.allow, port.deny)
+        found = self._port_filters.get(key)
+        if found is None:
+            if len(self._port_filters) > 4096:
+                self._port_filters.clear()
+            found = self._port_filters[key] = IPFilter(parse_networks(port.allow), parse_networks(port.deny))
+        return found
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         reasons = []
+        if self.draining:
+            reasons.append("draining")
         if self.tls_listener.port is None:
             reasons.append("TLS listener not bound")
         if not self.directory.loaded():
@@ -198,13 +241,109 @@ class Gateway:
         return (not reasons, detail)
 
     def service(self) -> GatewayService:
-        root = GatewayService(logs.make_observer(self.config.log.format, self.config.log.level),
-                              self._announce)
+        self.observer = logs.make_observer(self.config.log.format, self.config.log.level)
+        root = GatewayService(self.observer, self)
         for s in self.services:
             s.setServiceParent(root)
         return root
 
-    def _announce(self) -> None:
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def drain(self) -> Deferred:
+        """
+        Stop accepting, let open connections finish for up to limits.drain_timeout seconds
+        (HTTP keep-alive ends after the request in progress), then close what is left.
+        /readyz answers 503 from the first moment.
+        """
+        self.draining = True
+        deadline = self.reactor.seconds() + self.config.limits.drain_timeout
+        count = len(self.connections)
+        self.log.info("draining: stopped accepting, {count} connections open, waiting up to "
+                      "{seconds:.0f}s", count=count, seconds=self.config.limits.drain_timeout)
+        stopping = self.tls_listener.stopService()
+        for conn in list(self.connections):
+            conn.drain()
+        done: Deferred = Deferred()
+
+        def check() -> None:
+            if not self.connections:
+                self.log.info("drained: all connections finished")
+                done.callback(None)
+                return
+            if self.reactor.seconds() >= deadline:
+                self.log.warn("drain deadline passed: closing {count} connections",
+                              count=len(self.connections))
+                for conn in list(self.connections):
+                    conn.transport.abortConnection()
+                done.callback(None)
+                return
+            for conn in list(self.connections):
+                conn.drain()
+            self.reactor.callLater(0.05, check)
+        if isinstance(stopping, Deferred):
+            stopping.addBoth(lambda _: check())
+        else:
+            check()
+        return done
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration, the directory and the certificates."""
+        self.log.info("SIGHUP: reloading")
+        if self.reload_from is not None:
+            path, overrides = self.reload_from
+            try:
+                new = load_config(path, overrides)
+                verifier = verifier_from_config(new.auth, new.source, self.reactor)
+                Admission(new.limits, new.proxy_protocol, self.reactor.seconds)
+            except (ConfigError, ValueError) as e:
+                metrics.CONFIG_RELOADS.labels(outcome="failure").inc()
+                self.log.error("reload refused, the running configuration stays: {error}", error=str(e))
+                return
+            self._apply(new, verifier)
+        if self.directory_provider is not None:
+            self.directory_provider.check(force=True)
+        if self.static_source is not None:
+            self.static_source.reload()
+        metrics.CONFIG_RELOADS.labels(outcome="success").inc()
+
+    def _apply(self, new: GatewayConfig, verifier: TokenVerifier | None) -> None:
+        old = self.config
+        restart_only = [key for key, a, b in (
+            ("listen.tls", old.listen.tls, new.listen.tls),
+            ("listen.plain", old.listen.plain, new.listen.plain),
+            ("hostname", old.hostname, new.hostname),
+            ("state_dir", old.state_dir, new.state_dir),
+            ("acme", old.acme, new.acme),
+            ("tcp.client_ca", old.tcp.client_ca, new.tcp.client_ca),
+            ("log.format", old.log.format, new.log.format),
+        ) if a != b]
+        if restart_only:
+            self.log.warn("reload: {keys} changed and take effect only after a restart",
+                          keys=", ".join(restart_only))
+            # Keep the running values of those keys.
+            new = attrs.evolve(new, listen=old.listen, hostname=old.hostname, state_dir=old.state_dir,
+                               acme=old.acme, tcp=attrs.evolve(new.tcp, client_ca=old.tcp.client_ca),
+                               log=attrs.evolve(new.log, format=old.log.format))
+        self.config = new
+        self.admission = Admission(new.limits, new.proxy_protocol, self.reactor.seconds,
+                                   counter=self.admission.counter)
+        if self.directory_provider is not None and new.directory.file is not None:
+            self.directory_provider.path = new.directory.file
+            self.directory_provider.interval = new.directory.poll_interval
+        if self.static_source is not None and new.tls.certificate and new.tls.private_key:
+            self.static_source.cert_path = new.tls.certificate
+            self.static_source.key_path = new.tls.private_key
+        self.verifier = verifier
+        self.http.verifier = verifier
+        self.http.response_timeout = new.http.response_timeout
+        self.http.connect_timeout = new.tcp.connect_timeout
+        self.http.signin_url = new.auth.signin_url
+        self.api.verifier = verifier
+        self.api.cors_origin = new.api.cors_allowed_origin
+        logs.set_level(self.observer, new.log.level)
+        self.log.info("configuration reloaded from {source}", source=new.source)
+
+    def started(self) -> None:
         if self.local_ca is not None:
             self.log.info("local development CA: {path} (curl --cacert {path})",
                           path=os.path.abspath(self.local_ca.cert_path))

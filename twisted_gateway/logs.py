@@ -84,4 +84,13 @@ def make_observer(fmt: str, level: str, out: IO[str] | None = None) -> ILogObser
     out = out or sys.stdout
     base = JSONObserver(out) if fmt == "json" else TextObserver(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    return FilteringLogObserver(base, [predicate])
+    observer = FilteringLogObserver(base, [predicate])
+    observer.level_predicate = predicate  # type: ignore[attr-defined]
+    return observer
+
+
+def set_level(observer: ILogObserver, level: str) -> None:
+    """Change the lowest level an observer from L{make_observer} lets through."""
+    predicate = getattr(observer, "level_predicate", None)
+    if predicate is not None:
+        predicate.defaultLogLevel = _LEVELS[level]

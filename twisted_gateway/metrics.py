@@ -154,3 +154,20 @@ ACME_CHALLENGE_HANDSHAKES = Counter(
     "gateway_acme_tls_alpn_handshakes_total",
     "TLS-ALPN-01 validation handshakes answered with a challenge certificate.",
     registry=REGISTRY)
+
+CONNECTIONS_REFUSED = Counter(
+    "gateway_connections_refused_total",
+    "Connections refused before any TLS, by reason: max_connections, max_connections_per_ip, "
+    "rate_limited, denied_ip, draining, proxy_header (missing or invalid from a trusted balancer), "
+    "untrusted_proxy_header.",
+    ["reason"], registry=REGISTRY)
+
+HTTP_RATE_LIMITED = Counter(
+    "gateway_http_rate_limited_total",
+    "HTTP requests answered 429, by key: ip or token.",
+    ["key"], registry=REGISTRY)
+
+CONFIG_RELOADS = Counter(
+    "gateway_config_reloads_total",
+    "SIGHUP reloads, by outcome: success or failure (the running configuration stays).",
+    ["outcome"], registry=REGISTRY)

@@ -94,6 +94,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         overrides = {key: self[flag] for flag, key in _FLAG_TO_KEY.items() if self[flag] is not None}
+        self.overrides = overrides
         try:
             self.config: GatewayConfig = load_config(self["config"], overrides)
             self.verifier = verifier_from_config(self.config.auth, self.config.source)
@@ -110,7 +111,8 @@ def makeService(options: Options) -> Any:
     from twisted_gateway.gateway import Gateway
     from twisted_gateway.tls.contexts import CertificateError
     try:
-        gateway = Gateway(options.config, verifier=options.verifier)
+        gateway = Gateway(options.config, verifier=options.verifier,
+                          reload_from=(options["config"], options.overrides))
     except CertificateError as e:
         sys.stderr.write(f"gateway: {options.config.source}: {e}\n")
         sys.stderr.flush()

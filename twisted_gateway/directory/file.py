@@ -55,9 +55,9 @@ class FileDirectoryProvider(Service):
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def check(self) -> None:
+    def check(self, force: bool = False) -> None:
         stamp = self._stat()
-        if stamp == self._stamp:
+        if stamp == self._stamp and not force:
             return
         self._stamp = stamp
         try:

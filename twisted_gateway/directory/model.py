@@ -31,6 +31,12 @@ class ShardPort:
     upstream_port: int | None = None
     """The port to connect to on the shard's address when it differs from the exposed port
     (a container port mapped to another host port)."""
+    allow: tuple[str, ...] = ()
+    """Client networks (CIDR) allowed on this port; empty: all."""
+    deny: tuple[str, ...] = ()
+    """Client networks refused on this port."""
+    send_proxy: bool = False
+    """Send a PROXY protocol v2 header with the client's address to the shard (tcp ports)."""
 
     @property
     def target_port(self) -> int:
@@ -161,7 +167,7 @@ class DirectorySnapshot:
 
 _SHARD_KEYS = {"id", "task", "hostname_label", "address", "ports", "labels", "key_begin",
                "rclock_begin", "primary"}
-_PORT_KEYS = {"port", "protocol", "public", "upstream_port"}
+_PORT_KEYS = {"port", "protocol", "public", "upstream_port", "allow", "deny", "send_proxy"}
 
 
 def _fail(where: str, problem: str) -> DirectoryError:
@@ -203,7 +209,21 @@ def parse_port(doc: Any, where: str) -> ShardPort:
         protocol=protocol,
         public=_bool(doc.get("public", False), f"{where}.public"),
         upstream_port=None if upstream is None else _int(upstream, f"{where}.upstream_port", 1, 65535),
+        allow=_networks(doc.get("allow", []), f"{where}.allow"),
+        deny=_networks(doc.get("deny", []), f"{where}.deny"),
+        send_proxy=_bool(doc.get("send_proxy", False), f"{where}.send_proxy"),
     )
+
+
+def _networks(value: Any, where: str) -> tuple[str, ...]:
+    from twisted_gateway.limits import parse_networks
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(where, "expected a list of CIDR networks")
+    try:
+        parse_networks(value)
+    except ValueError as e:
+        raise _fail(where, str(e)) from None
+    return tuple(value)
 
 
 def parse_shard(doc: Any, where: str) -> Shard:
@@ -272,7 +292,10 @@ def shard_to_dict(shard: Shard) -> dict[str, Any]:
         "rclock_begin": shard.rclock_begin, "primary": shard.primary,
         "ports": [
             {"port": p.port, "protocol": p.protocol, "public": p.public,
-             **({"upstream_port": p.upstream_port} if p.upstream_port is not None else {})}
+             **({"upstream_port": p.upstream_port} if p.upstream_port is not None else {}),
+             **({"allow": list(p.allow)} if p.allow else {}),
+             **({"deny": list(p.deny)} if p.deny else {}),
+             **({"send_proxy": True} if p.send_proxy else {})}
             for p in shard.ports
         ],
     }

@@ -36,6 +36,7 @@ from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import AuthDecision, TokenVerifier, bearer_token
 from twisted_gateway.http.errors import negotiate, quiet_site, write_error
+from twisted_gateway.limits import retry_after_header
 from twisted_gateway.splice import Splice
 
 # RFC 9110 7.6.1: connection-specific fields never forwarded.
@@ -67,6 +68,8 @@ class HTTPRouteContext:
         self.signin_url = signin_url
         self.cookie_name = cookie_name.encode()
         self.cookie_max_age = cookie_max_age
+        # Set by the gateway: the admission state in force (rate limits), swapped on reload.
+        self.admission: Any = None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = pool_size
         self.pool.retryAutomatically = True
@@ -137,11 +140,16 @@ class ProxyResource(Resource):
         """
         if request.path == b"/auth-redirect" or request.requestHeaders.hasHeader(b"upgrade"):
             return None
+        decision = None
         if not self.route.port.public:
             decision = self._authorize(request)
             if not decision.allowed:
                 request.refusal = decision
                 return None
+        wait = self._rate_limited(request, decision)
+        if wait:
+            request.rate_limited = wait
+            return None
         channel = request.channel
         if isinstance(channel, http.HTTPChannel):
             pause, resume = channel.transport.pauseProducing, channel.transport.resumeProducing
@@ -167,10 +175,17 @@ class ProxyResource(Resource):
         refusal = getattr(request, "refusal", None)
         if refusal is not None:
             return self._refuse(request, refusal)
+        wait = getattr(request, "rate_limited", 0.0)
+        if wait:
+            return self._too_many(request, wait)
+        decision = None
         if not self.route.port.public:
             decision = self._authorize(request)
             if not decision.allowed:
                 return self._refuse(request, decision)
+        wait = self._rate_limited(request, decision)
+        if wait:
+            return self._too_many(request, wait)
         if request.requestHeaders.hasHeader(b"upgrade") and request.clientproto == b"HTTP/1.1" \
                 and isinstance(request.channel, http.HTTPChannel):
             return self._upgrade(request)
@@ -203,6 +218,30 @@ class ProxyResource(Resource):
             request.setHeader(b"www-authenticate",
                               f'Bearer error="invalid_token", error_description="{decision.message}"'.encode())
         return self._finish_error(request, decision.status, decision.outcome, decision.message)
+
+    def _rate_limited(self, request: Any, decision: AuthDecision | None) -> float:
+        """0, or the seconds until this client (IP, then token subject) may send again."""
+        admission = self.ctx.admission() if self.ctx.admission is not None else None
+        if admission is None:
+            return 0.0
+        ip = getattr(request.getClientAddress(), "host", "?")
+        wait = admission.request_rate_ip.take(ip)
+        if wait:
+            metrics.HTTP_RATE_LIMITED.labels(key="ip").inc()
+            return wait
+        if decision is not None and decision.claims is not None and admission.request_rate_token.enabled:
+            subject = str(decision.claims.get("sub") or decision.claims.get("jti") or
+                          hash(self.ctx.token_of(request)))
+            wait = admission.request_rate_token.take(subject)
+            if wait:
+                metrics.HTTP_RATE_LIMITED.labels(key="token").inc()
+                return wait
+        return 0.0
+
+    def _too_many(self, request: Any, wait: float) -> bytes:
+        request.setHeader(b"retry-after", retry_after_header(wait))
+        return self._finish_error(request, 429, "rate_limited",
+                                  f"too many requests: retry in {max(1, round(wait))} s")
 
     def _port_suffix(self, request: Any) -> str:
         port = request.getHost().port
@@ -480,6 +519,7 @@ class StreamingProxyRequest(Request):
 
     body: StreamingBody | None = None
     refusal: AuthDecision | None = None
+    rate_limited: float = 0.0
     declared_length: int | None = None
 
     def __init__(self, resource: ProxyResource, *args: Any, **kwargs: Any) -> None:
@@ -499,7 +539,7 @@ class StreamingProxyRequest(Request):
             self.body = self.proxy.start_stream(self)
         if self.body is not None:
             self.body.write(data)
-        elif self.refusal is None:
+        elif self.refusal is None and not self.rate_limited:
             # Kept for render (an /auth-redirect or upgrade request): bounded like the API.
             if self.content.tell() < 1024 * 1024:
                 self.content.write(data)

@@ -37,6 +37,8 @@ class TLSServerConnection:
 
     disconnecting = False
     connected = True
+    peer: Any = None
+    """The client's address when it came in a PROXY header, else None (the TCP peer)."""
 
     def __init__(self, transport: Any, connection: SSL.Connection, protocol: Any,
                  on_handshake: Callable[[TLSServerConnection], None],
@@ -222,7 +224,7 @@ class TLSServerConnection:
         protocol.makeConnection(self)
 
     def getPeer(self) -> Any:
-        return self.transport.getPeer()
+        return self.peer or self.transport.getPeer()
 
     def getHost(self) -> Any:
         return self.transport.getHost()
