@@ -107,7 +107,14 @@ class GatewayService(MultiService):
 
     def stopService(self) -> Any:
         d = self.gateway.drain()
-        d.addCallback(lambda _: MultiService.stopService(self))
+
+        def drained(_: Any) -> Any:
+            # A SIGTERM that ends in a completed drain is a clean stop: exit 0 rather than let
+            # twistd re-raise the signal against itself (which exits with -15).
+            if getattr(self.gateway.reactor, "_exitSignal", None) == getattr(signal, "SIGTERM", None):
+                self.gateway.reactor._exitSignal = None
+            return MultiService.stopService(self)
+        d.addCallback(drained)
         return d
 
     def setServiceParent(self, parent: Any) -> None:

@@ -76,7 +76,12 @@ class ProxyHeaderReader:
         source = info.source
         if source is None:
             return ProxiedAddress(None, None), rest
-        return ProxiedAddress(getattr(source, "host", None), getattr(source, "port", None)), rest
+        host = getattr(source, "host", None)
+        try:
+            host = str(ipaddress.ip_address(host)) if host else None  # canonical (compressed) form
+        except ValueError:
+            raise ProxyHeaderError("invalid source address in PROXY header") from None
+        return ProxiedAddress(host, getattr(source, "port", None)), rest
 
 
 def build_v2(src_host: str, src_port: int, dst_host: str, dst_port: int) -> bytes:
