@@ -300,7 +300,8 @@ def _build(cls: type, doc: Any, source: str, prefix: str) -> Any:
     known = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")}
     for key in doc:
         if key not in known:
-            raise ConfigError(source, f"{prefix}{key}",
+            shown = key if isinstance(key, str) and key.isprintable() and len(key) < 64 else repr(key)[:80]
+            raise ConfigError(source, f"{prefix}{shown}",
                               f"unknown key (known: {', '.join(sorted(known))})")
     values = {}
     for name, f in known.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 from typing import Any, Iterable, Mapping
 
 import attrs
@@ -170,6 +171,13 @@ _SHARD_KEYS = {"id", "task", "hostname_label", "address", "ports", "labels", "ke
 _PORT_KEYS = {"port", "protocol", "public", "upstream_port", "allow", "deny", "send_proxy"}
 
 
+def _key(name: Any) -> str:
+    """A key as it may appear in a message: plain if it is a plain word, else quoted (so a
+    hostile document cannot put newlines or control characters in a log line)."""
+    text = str(name)
+    return text if re.fullmatch(r"[A-Za-z0-9_./-]{1,64}", text) else repr(text)[:80]
+
+
 def _fail(where: str, problem: str) -> DirectoryError:
     return DirectoryError(f"{where}: {problem}")
 
@@ -197,7 +205,7 @@ def parse_port(doc: Any, where: str) -> ShardPort:
         raise _fail(where, "expected a mapping with port, protocol and public")
     unknown = set(doc) - _PORT_KEYS
     if unknown:
-        raise _fail(f"{where}.{sorted(unknown)[0]}", "unknown key")
+        raise _fail(f"{where}.{_key(sorted(map(str, unknown))[0])}", "unknown key")
     if "port" not in doc:
         raise _fail(f"{where}.port", "missing")
     protocol = doc.get("protocol", "tcp")
@@ -231,7 +239,7 @@ def parse_shard(doc: Any, where: str) -> Shard:
         raise _fail(where, "expected a mapping")
     unknown = set(doc) - _SHARD_KEYS
     if unknown:
-        raise _fail(f"{where}.{sorted(unknown)[0]}", "unknown key")
+        raise _fail(f"{where}.{_key(sorted(map(str, unknown))[0])}", "unknown key")
     for required in ("id", "task", "hostname_label", "address", "ports"):
         if required not in doc:
             raise _fail(f"{where}.{required}", "missing")
@@ -277,7 +285,7 @@ def parse_directory(doc: Any) -> DirectorySnapshot:
         raise DirectoryError("top level: expected a mapping with a 'shards' list")
     unknown = set(doc) - {"shards"}
     if unknown:
-        raise DirectoryError(f"{sorted(unknown)[0]}: unknown key")
+        raise DirectoryError(f"{_key(sorted(map(str, unknown))[0])}: unknown key")
     shards = doc.get("shards") or []
     if not isinstance(shards, list):
         raise DirectoryError("shards: expected a list")
