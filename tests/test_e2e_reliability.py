@@ -12,12 +12,11 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 
 import pytest
 
-from support import REPO, Gateway, Upstream, free_port, shard, twistd_command, wait_for
+from support import REPO, Gateway, Upstream, shard, twistd_command, wait_for
 from test_e2e_http import curl, token
 from upstreams import RecordingHTTPServer
 

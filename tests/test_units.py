@@ -209,7 +209,7 @@ def test_splice_idle_timeout():
 def test_tls_alpn_challenge_certificate_follows_rfc_8737():
     import hashlib
     from cryptography import x509
-    from twisted_gateway.tls.acme.challenges import ACME_IDENTIFIER_OID, tls_alpn_certificate
+    from twisted_gateway.tls.acme.responders import ACME_IDENTIFIER_OID, tls_alpn_certificate
     cert, _ = tls_alpn_certificate("a-1.example.com", "token.thumbprint")
     ext = cert.extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
     assert ext.critical

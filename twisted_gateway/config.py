@@ -155,7 +155,7 @@ class TCPConfig:
 @attrs.frozen
 class HTTPConfig:
     response_timeout: float = _field(positive_number, 30.0, "Seconds for a shard to answer a proxied request (then 504).")
-    pool_size: int = _field(positive_int, 16, "Idle keep-alive connections kept per shard port.")
+    pool_size: int = _field(positive_int, 64, "Idle keep-alive connections kept per shard port.")
 
 
 @attrs.frozen

@@ -34,8 +34,7 @@ from twisted_gateway.proxyheader import (
 from twisted_gateway.splice import Splice
 from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.http.auth import task_covered
-from twisted_gateway.tls.acme.challenges import ACME_TLS_ALPN
-from twisted_gateway.tls.acme.manager import wait_for_certificate
+from twisted_gateway.tls.acme import ACME_TLS_ALPN
 from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL, client_certificate_prefixes
 
 _HTTP_ALPN = (b"h2", b"http/1.1")
@@ -295,6 +294,7 @@ class FrontDoor(Protocol):
                    client_auth_task: str | None = None) -> None:
         acme = self.gateway.acme
         if acme is not None and acme.config.on_demand_wait > 0 and not acme.issued(name):
+            from twisted_gateway.tls.acme.manager import wait_for_certificate
             acme.pair_for(name)  # may start an on-demand issuance
             waiting = wait_for_certificate(acme, name, acme.config.on_demand_wait, self.reactor)
             if waiting is not None:

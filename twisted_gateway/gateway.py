@@ -33,12 +33,7 @@ from twisted_gateway.http.errors import error_site, quiet_site
 from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource, load_client_ca
 from twisted_gateway.directory.model import Route
 from twisted_gateway.names import GatewayHost, ShardName, parse_name
-from twisted_gateway.tls.acme.challenges import (
-    ExecResponder, HTTP01Responder, RFC2136Responder, TLSALPN01Responder,
-)
-from twisted_gateway.tls.acme.client import AcmeIssuer
-from twisted_gateway.tls.acme.manager import AcmeCertificateSource
-from twisted_gateway.tls.acme.store import DiskCertificateStore
+from twisted_gateway.tls.acme.responders import HTTP01Responder, TLSALPN01Responder
 from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
 
@@ -159,7 +154,7 @@ class Gateway:
             source = LocalCASource(self.local_ca, self.hostname)
         self.http01 = HTTP01Responder()
         self.tls_alpn = TLSALPN01Responder()
-        self.acme: AcmeCertificateSource | None = None
+        self.acme: Any = None
         if config.acme.enabled:
             self.acme = self._make_acme(source)
             self.services.append(self.acme)
@@ -189,7 +184,12 @@ class Gateway:
             self.services.append(verifier.jwks)
         self.services += [self.tls_listener, self.plain_listener]
 
-    def _make_acme(self, fallback: Any) -> AcmeCertificateSource:
+    def _make_acme(self, fallback: Any) -> Any:
+        # Imported here: certbot's acme library (and requests) cost memory nobody without ACME needs.
+        from twisted_gateway.tls.acme.challenges import ExecResponder, RFC2136Responder
+        from twisted_gateway.tls.acme.client import AcmeIssuer
+        from twisted_gateway.tls.acme.manager import AcmeCertificateSource
+        from twisted_gateway.tls.acme.store import DiskCertificateStore
         acme = self.config.acme
         store = DiskCertificateStore(self.config.state_dir)
         responders: dict[str, Any] = {"http-01": self.http01, "tls-alpn-01": self.tls_alpn}

@@ -24,7 +24,10 @@ from twisted.web import http
 from twisted.web._newclient import (
     RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived,
 )
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
@@ -59,7 +62,7 @@ class HTTPRouteContext:
 
     def __init__(self, reactor: Any, hostname: str, verifier: TokenVerifier | None,
                  connect_timeout: float, response_timeout: float, signin_url: str | None,
-                 cookie_name: str, cookie_max_age: int, pool_size: int = 16) -> None:
+                 cookie_name: str, cookie_max_age: int, pool_size: int = 64) -> None:
         self.reactor = reactor
         self.hostname = hostname
         self.verifier = verifier
@@ -74,7 +77,7 @@ class HTTPRouteContext:
         self.pool.maxPersistentPerHost = pool_size
         self.pool.retryAutomatically = True
         self.pool._factory.noisy = False  # type: ignore[attr-defined]
-        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self.agent = Agent.usingEndpointFactory(reactor, _ShardEndpoints(reactor, self), pool=self.pool)
 
     def token_of(self, request: Any) -> str | None:
         return bearer_token(request.getHeader(b"authorization")) or (
@@ -87,6 +90,25 @@ class HTTPRouteContext:
             return False
         host = (parts.hostname or "").lower()
         return parts.scheme == "https" and (host == self.hostname or host.endswith("." + self.hostname))
+
+
+@implementer(IAgentEndpointFactory)
+class _ShardEndpoints:
+    """Connect to IP-literal shard addresses directly: Agent's default endpoint resolves every
+    host, IP literals included, in a thread."""
+
+    def __init__(self, reactor: Any, ctx: HTTPRouteContext) -> None:
+        self.reactor = reactor
+        self.ctx = ctx
+
+    def endpointForURI(self, uri: Any) -> Any:
+        host = uri.host.decode("ascii")
+        timeout = self.ctx.connect_timeout
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self.reactor, host, uri.port, timeout=timeout)
+        return HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=timeout)
 
 
 class _BodyForwarder(Protocol):

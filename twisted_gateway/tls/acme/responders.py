@@ -1,0 +1,102 @@
+"""
+The challenge responders the gateway answers itself (HTTP-01 on the plain port, TLS-ALPN-01 on
+the TLS port) and the RFC 8737 validation certificate.  Free of certbot's acme library, so the
+gateway can hold them whether or not ACME is enabled.
+
+Responders are called from the issuing thread (present/cleanup) and read from the reactor
+thread; they only replace whole dictionary entries, which the GIL makes atomic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from zope.interface import Interface, implementer
+
+from twisted_gateway.tls.acme import ACME_TLS_ALPN
+
+ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+
+
+def tls_alpn_certificate(name: str, key_authorization: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The self-signed validation certificate for C{name} (RFC 8737 section 3)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+class IResponder(Interface):
+    challenge_type: str
+
+    def present(name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
+        """Make the challenge answerable for C{name} (called in the issuing thread)."""
+
+    def cleanup(name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
+        """Withdraw it."""
+
+
+@implementer(IResponder)
+class HTTP01Responder:
+    """Answers ``/.well-known/acme-challenge/<token>`` on the plain port (the admin app)."""
+
+    challenge_type = "http-01"
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}
+
+    def present(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
+        self.tokens[challenge.encode("token")] = key_authorization
+
+    def cleanup(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
+        self.tokens.pop(challenge.encode("token"), None)
+
+    def answer(self, token: str) -> str | None:
+        return self.tokens.get(token)
+
+
+@implementer(IResponder)
+class TLSALPN01Responder:
+    """Holds the validation context of each name with a pending TLS-ALPN-01 challenge."""
+
+    challenge_type = "tls-alpn-01"
+
+    def __init__(self) -> None:
+        self.contexts: dict[str, SSL.Context] = {}
+
+    def present(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
+        cert, key = tls_alpn_certificate(name, key_authorization)
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_certificate(crypto.X509.from_cryptography(cert))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+
+        def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+            return ACME_TLS_ALPN if ACME_TLS_ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+        ctx.set_alpn_select_callback(select)
+        self.contexts[name] = ctx
+
+    def cleanup(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
+        self.contexts.pop(name, None)
+
+    def context_for(self, name: str) -> SSL.Context | None:
+        return self.contexts.get(name)
