@@ -10,6 +10,7 @@ source closes and checks the count.  Prints one JSON line with bytes and seconds
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import sys
@@ -31,7 +32,11 @@ def main() -> None:
             n = min(len(block), size - moved)
             tls.sendall(block[:n])
             moved += n
-        raw.shutdown(socket.SHUT_WR)  # end of the upload (TCP FIN)
+        # End of the upload: a TCP FIN on the same socket (SSLSocket.shutdown would drop the
+        # TLS state needed to read the sink's answer).
+        half = socket.socket(fileno=os.dup(tls.fileno()))
+        half.shutdown(socket.SHUT_WR)
+        half.close()
         reply = b""
         while chunk := tls.recv(65536):
             reply += chunk

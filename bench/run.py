@@ -289,7 +289,7 @@ backend web
         if not lines or not lines[-1].startswith("{"):
             raise RuntimeError(f"W3 {direction} through {proxy} failed: {out.strip()[-200:]}")
         doc = json.loads(lines[-1])
-        return {"value": size / doc["seconds"] / 1e6, "unit": "MB/s", "ops": size, "wall": wall,
+        return {"value": size / doc["seconds"] / 1e6, "unit": "MB/s", "ops": size / 2**20, "wall": wall,
                 "loadgen_cpu": cpu}
 
     def w4(self, proxy: str) -> dict:
@@ -381,7 +381,7 @@ backend web
             f"Peak RSS: gateway {peak['gateway'] / 2**20:.1f} MiB, HAProxy {peak['haproxy'] / 2**20:.1f} MiB "
             f"(ratio {peak['gateway'] / max(peak['haproxy'], 1):.2f}).",
             "",
-            "For W3 the CPU column is per byte x 1e6 (µs per MB).",
+            "For W3 the CPU columns are µs per MiB moved; elsewhere per request or connection.",
         ]
         return "\n".join(lines) + "\n"
 

@@ -26,6 +26,7 @@ from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
 
 _ACTIVE: set[Splice] = set()
+_SOCKET_BUFFER = 256 * 1024
 
 
 def flush_metrics() -> None:
@@ -174,6 +175,11 @@ class Splice:
 
     def _wire(self) -> None:
         client, upstream = self.client_transport, self.upstream_transport
+        # Larger socket reads for bulk streams (fewer reactor rounds per MiB); also the write
+        # buffer size above which the other side is paused.
+        for t in (upstream, getattr(client, "transport", None)):
+            if t is not None and hasattr(t, "bufferSize"):
+                t.bufferSize = _SOCKET_BUFFER
         client.registerProducer(upstream, True)
         upstream.registerProducer(client, True)
         pending, self._pending = self._pending, []
