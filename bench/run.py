@@ -169,7 +169,7 @@ http {{
                             "log": {"level": "warn", "access_log": False}}, f)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         env = dict(os.environ, PYTHONPATH=REPO)
-        self.gw = self.spawn([twistd, "-n", "--pidfile=", "gateway", "--config", config], 0,
+        self.gw = self.spawn([twistd, "-n", "--pidfile=", "gateway", "--workers", "1", "--config", config], 0,
                              env=env, stdout=open(os.path.join(self.dir, "gateway.log"), "w"),
                              stderr=subprocess.STDOUT)
         wait_port(self.gw_admin)

@@ -104,7 +104,7 @@ class Soak:
         self.log_path = os.path.join(self.dir, "gateway.log")
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.gw = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "gateway", "--log-format", "json", "--log-level", "info",
+            [twistd, "-n", "--pidfile=", "gateway", "--workers", "1", "--log-format", "json", "--log-level", "info",
              "--tls-port", f"tcp:{self.tls_port}:interface=127.0.0.1:backlog=2048",
              "--plain-port", f"tcp:{self.admin_port}:interface=127.0.0.1",
              "--directory", os.path.join(self.dir, "shards.yaml"), "--state-dir", os.path.join(self.dir, "state"),

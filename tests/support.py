@@ -72,7 +72,8 @@ class Gateway:
     """A running ``twistd -n gateway`` with JSON logs collected from its stdout."""
 
     def __init__(self, workdir: str, shards: list[dict] | None = None, args: list[str] | None = None,
-                 config: dict | None = None, demo: bool = False, wait_ready: bool = True) -> None:
+                 config: dict | None = None, demo: bool = False, wait_ready: bool = True,
+                 workers: int = 1) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.directory_path = os.path.join(workdir, "shards.yaml")
@@ -84,7 +85,7 @@ class Gateway:
                "--log-format", "json", "--log-level", "debug",
                "--tls-port", "tcp:0:interface=127.0.0.1",
                "--plain-port", "tcp:0:interface=127.0.0.1",
-               "--state-dir", self.state_dir]
+               "--state-dir", self.state_dir, "--workers", str(workers)]
         if not demo:
             cmd += ["--directory", self.directory_path]
         if config is not None:

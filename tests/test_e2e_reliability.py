@@ -257,7 +257,8 @@ class SocketLauncher:
         return subprocess.Popen(
             [twistd_command(), "-n", "--pidfile=", "gateway",
              "--tls-port", "systemd:domain=INET:name=tls", "--plain-port", "systemd:domain=INET:name=plain",
-             "--directory", self.directory, "--state-dir", os.path.join(self.workdir, "state")],
+             "--directory", self.directory, "--state-dir", os.path.join(self.workdir, "state"),
+             "--workers", "1"],
             # preexec_fn runs before the child closes other descriptors: keep 3 and 4 too.
             cwd=self.workdir, preexec_fn=child, pass_fds=sorted(set(fds) | {3, 4}), env=None,
             stdout=self.log, stderr=subprocess.STDOUT)
@@ -383,3 +384,26 @@ def test_logs_never_contain_tokens_or_cookies(start_gateway):
             assert t not in text
     finally:
         web.close()
+
+
+def test_workers_share_the_listener_restart_and_drain(start_gateway, echo_upstream):
+    gw = start_gateway([shard("e", "echo", 9000, echo_upstream.port)], workers=2)
+
+    def workers() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+    wait_for(lambda: len(workers()) == 2, timeout=20, what="two workers")
+    for _ in range(40):
+        assert _echo_ok(gw)
+    # One /metrics adds up both workers.
+    wait_for(lambda: gw.metric("gateway_connections_accepted_total", listener="tls") >= 40, timeout=10)
+    assert gw.metric("gateway_workers") == 2
+    # A worker that dies is replaced; the listener keeps serving meanwhile.
+    os.kill(workers()[0], signal.SIGKILL)
+    assert _echo_ok(gw)
+    wait_for(lambda: gw.metric("gateway_worker_restarts_total") == 1 and len(workers()) == 2, timeout=20,
+             what="worker restarted")
+    wait_for(lambda: gw.http_get("/readyz")[0] == 200, timeout=20)
+    assert _echo_ok(gw)
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(40) == 0

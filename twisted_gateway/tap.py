@@ -27,6 +27,7 @@ _FLAG_TO_KEY = {
     "state-dir": "state_dir",
     "log-format": "log.format",
     "log-level": "log.level",
+    "workers": "workers",
 }
 
 
@@ -83,6 +84,8 @@ class Options(usage.Options):
         ["state-dir", None, None, "State directory (local CA, certificates) [default: ./state]."],
         ["log-format", None, None, "Log format: text or json [default: text]."],
         ["log-level", None, None, "Lowest level logged: debug, info, warn, error, critical [default: info]."],
+        ["workers", None, None, "Worker processes sharing the TLS listener, supervised and restarted "
+                                "[default: the number of CPUs]."],
     ]
 
     subCommands = [["certs", None, CertsOptions, "Show stored certificates (certs list) and exit."]]
@@ -93,7 +96,15 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        overrides = {key: self[flag] for flag, key in _FLAG_TO_KEY.items() if self[flag] is not None}
+        overrides: dict[str, Any] = {key: self[flag] for flag, key in _FLAG_TO_KEY.items()
+                                     if self[flag] is not None}
+        if "workers" in overrides:
+            try:
+                overrides["workers"] = int(overrides["workers"])
+            except ValueError:
+                sys.stderr.write(f"gateway: command line: --workers: expected a positive integer, "
+                                 f"got {overrides['workers']!r}\n")
+                raise SystemExit(2)
         self.overrides = overrides
         try:
             self.config: GatewayConfig = load_config(self["config"], overrides)
@@ -107,7 +118,19 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
+def worker_argv(options: Options) -> list[str]:
+    """The flags a worker process gets: everything but the listeners and the worker count."""
+    argv = ["--config", options["config"]] if options["config"] else []
+    for flag in _FLAG_TO_KEY:
+        if flag not in ("tls-port", "plain-port", "workers") and options[flag] is not None:
+            argv += [f"--{flag}", str(options[flag])]
+    return argv
+
+
 def makeService(options: Options) -> Any:
+    if options.config.workers > 1:
+        from twisted_gateway.workers import make_supervisor_service
+        return make_supervisor_service(options.config, worker_argv(options), options.config.workers)
     from twisted_gateway.gateway import Gateway
     from twisted_gateway.tls.contexts import CertificateError
     try:
