@@ -73,7 +73,8 @@ class Gateway:
 
     def __init__(self, workdir: str, shards: list[dict] | None = None, args: list[str] | None = None,
                  config: dict | None = None, demo: bool = False, wait_ready: bool = True,
-                 workers: int = 1) -> None:
+                 workers: int = 1, command: list[str] | None = None, cwd: str | None = None,
+                 start_timeout: float = 20) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.directory_path = os.path.join(workdir, "shards.yaml")
@@ -81,7 +82,7 @@ class Gateway:
         self._lines: queue.Queue[str] = queue.Queue()
         if shards is not None:
             self.write_directory(shards)
-        cmd = [twistd_command(), "-n", "--pidfile=", "gateway",
+        cmd = (command or [twistd_command(), "-n", "--pidfile=", "gateway"]) + [
                "--log-format", "json", "--log-level", "debug",
                "--tls-port", "tcp:0:interface=127.0.0.1",
                "--plain-port", "tcp:0:interface=127.0.0.1",
@@ -95,7 +96,7 @@ class Gateway:
             cmd += ["--config", config_path]
         cmd += args or []
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, cwd=cwd or workdir, env=env if command is None else None, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -108,7 +109,7 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
             return len(listening) == 2
-        wait_for(bound, 20, what="gateway listeners")
+        wait_for(bound, start_timeout, what="gateway listeners")
         self.tls_port = listening["tls"]
         self.plain_port = listening["plain"]
         if wait_ready:

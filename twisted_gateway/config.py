@@ -271,7 +271,8 @@ class LogConfig:
 class GatewayConfig:
     hostname: str = _field(hostname, "localhost", "The wildcard base name.")
     state_dir: str = _field(path, "./state", "Where the local CA and other state live (created 0700).")
-    workers: int = _field(positive_int, max(1, os.cpu_count() or 1), "Worker processes sharing the TLS listener.")
+    workers: int = _field(positive_int, max(1, os.cpu_count() or 1) if os.name == "posix" else 1,
+                          "Worker processes sharing the TLS listener (POSIX; 1 on Windows).")
     listen: ListenConfig = attrs.field(factory=ListenConfig)
     tls: TLSConfig = attrs.field(factory=TLSConfig)
     directory: DirectoryConfig = attrs.field(factory=DirectoryConfig)
@@ -362,6 +363,8 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
             raise ConfigError(source, "acme.dns_zone", "dns-01 through rfc2136 needs the zone to update")
         if acme.dns_provider == "exec" and not acme.dns_exec:
             raise ConfigError(source, "acme.dns_exec", "dns-01 through exec needs the command")
+    if config.workers > 1 and os.name != "posix":
+        raise ConfigError(source, "workers", "several worker processes need a POSIX system; use 1")
     if acme.enabled and config.workers > 1:
         raise ConfigError(source, "workers", "ACME certificates need workers: 1 (one process keeps them)")
     if acme.on_demand == "ask" and not acme.ask_url:
