@@ -221,6 +221,13 @@ class Supervisor(Service):
 
 def make_supervisor_service(config: GatewayConfig, argv: list[str], count: int) -> MultiService:
     from twisted_gateway.gateway import ListenerService
+    if config.tls.certificate is None:
+        # Create the local development CA once, here, so the workers all load the same one
+        # instead of racing to create their own.
+        from twisted_gateway.tls.localca import LocalCA
+        ca = LocalCA(config.state_dir)
+        Logger().info("local development CA: {path} (curl --cacert {path})",
+                      path=os.path.abspath(ca.cert_path))
     supervisor = Supervisor(config, argv, count)
     app = SupervisorAdmin(supervisor)
     root = _SupervisorRoot(logs.make_observer(config.log.format, config.log.level))
