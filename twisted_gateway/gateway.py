@@ -81,6 +81,22 @@ class ListenerService(Service):
         return None
 
 
+def install_stop_handler(reactor: Any) -> None:
+    """
+    SIGTERM stops the reactor (and so drains) once; a second SIGTERM while draining, as sent
+    both by systemd to the whole control group and by a supervisor to its workers, is ignored
+    instead of making Twisted try to stop a reactor that is already stopping.
+    """
+    state = {"stopping": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["stopping"]:
+            return
+        state["stopping"] = True
+        reactor.callFromThread(reactor.stop)
+    signal.signal(signal.SIGTERM, handler)
+
+
 class GatewayService(MultiService):
     """
     The root service.  When parented to a twistd Application it installs the log observer; on
@@ -96,9 +112,10 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.gateway.started()
+        reactor = self.gateway.reactor
         if hasattr(signal, "SIGHUP"):  # POSIX only; on Windows reload by restarting the service
-            reactor = self.gateway.reactor
             signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.gateway.reload))
+        install_stop_handler(reactor)
 
     def stopService(self) -> Any:
         d = self.gateway.drain()

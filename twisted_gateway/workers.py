@@ -138,6 +138,8 @@ class Supervisor(Service):
             self.spawn(index)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        from twisted_gateway.gateway import install_stop_handler
+        install_stop_handler(self.reactor)
 
     def reload(self) -> None:
         """SIGHUP: every worker re-reads its configuration, directory and certificates."""
@@ -205,8 +207,11 @@ class Supervisor(Service):
     # -- the aggregated admin app --------------------------------------------------------------
 
     def _agent(self) -> Agent:
+        from twisted.web.client import HTTPConnectionPool
         paths = {f"worker{i}".encode(): self.admin_socket(i) for i in self.workers}
-        return Agent.usingEndpointFactory(self.reactor, _UnixEndpoints(self.reactor, paths))
+        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        pool._factory.noisy = False  # type: ignore[attr-defined]
+        return Agent.usingEndpointFactory(self.reactor, _UnixEndpoints(self.reactor, paths), pool=pool)
 
     def fetch_all(self, path: str) -> Deferred:
         agent = self._agent()
