@@ -366,3 +366,81 @@ def test_upload_streams_to_the_shard_before_it_ends(http_gateway, web, alpn):
     assert json.loads(body) == {"sha256": hashlib.sha256(first + rest).hexdigest(),
                                 "length": len(first) + len(rest)}
     tls.close()
+
+
+def _raw_http_upstream(responses):
+    """An upstream answering successive requests on one connection from a list of raw replies
+    (bytes, or lists of bytes sent with pauses); records connections and requests."""
+    import socket as _socket
+    import threading as _threading
+    state = {"connections": 0, "requests": []}
+    sock = _socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+
+    def serve(conn):
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                state["requests"].append(head.split(b"\r\n")[0].decode())
+                reply = responses[min(len(state["requests"]) - 1, len(responses) - 1)]
+                for piece in (reply if isinstance(reply, list) else [reply]):
+                    if piece is None:
+                        conn.close()
+                        return
+                    conn.sendall(piece)
+                    time.sleep(0.05)
+        except OSError:
+            pass
+
+    def accept():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            state["connections"] += 1
+            _threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    _threading.Thread(target=accept, daemon=True).start()
+    return sock, state
+
+
+def test_chunked_streaming_head_204_reuse_and_truncation(start_gateway):
+    chunked = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+               b"6\r\nevent1\r\n", b"6\r\nevent2\r\n", b"0\r\n\r\n"]
+    replies = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+        chunked,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\n\r\n",          # HEAD: no body follows
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", None],  # dies mid-body
+    ]
+    sock, state = _raw_http_upstream(replies)
+    try:
+        gw = start_gateway([shard("r", "raw", 8080, sock.getsockname()[1], protocol="http/1.1")])
+        name = "raw-8080.localhost"
+        assert curl(gw, name, "/1")[2] == b"first"
+        status, headers, body = curl(gw, name, "/2")
+        assert status == 200 and body == b"event1event2"
+        status, headers, body = curl(gw, name, "/3", "-I")
+        assert status == 200 and headers.get("content-length") == "12345"
+        status, _, body = curl(gw, name, "/4")
+        assert status == 204 and body == b""
+        # Four requests, one upstream connection: keep-alive reuse.
+        assert state["requests"][:4] == ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1", "HEAD /3 HTTP/1.1",
+                                         "GET /4 HTTP/1.1"]
+        assert state["connections"] == 1
+        # A body cut short by the shard reaches the client as a truncated response, not a
+        # complete one.
+        out = subprocess.run([which("curl"), "-sS", "--http1.1", "--cacert", gw.ca_path, "--resolve",
+                              f"{name}:{gw.tls_port}:127.0.0.1", f"https://{name}:{gw.tls_port}/5"],
+                             capture_output=True, timeout=20)
+        assert out.returncode != 0
+    finally:
+        sock.close()

@@ -361,6 +361,7 @@ class Gateway:
         self.http.verifier = verifier
         self.http.response_timeout = new.http.response_timeout
         self.http.connect_timeout = new.tcp.connect_timeout
+        self.http.upstream.connect_timeout = new.tcp.connect_timeout
         self.http.signin_url = new.auth.signin_url
         self.api.verifier = verifier
         self.api.cors_origin = new.api.cors_allowed_origin

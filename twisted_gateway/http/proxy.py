@@ -2,8 +2,8 @@
 The reverse proxy for shard ports declared ``http/1.1``.
 
 Clients speak HTTP/1.1 or h2 (twisted.web serves both, chosen by ALPN); the shard is spoken to
-in HTTP/1.1 through a keep-alive connection pool (one per gateway, keyed by shard address and
-port).  Responses stream to the client with backpressure; private ports require a JWT (see
+in HTTP/1.1 through a keep-alive connection pool (L{twisted_gateway.http.upstream}, keyed by shard address
+and port).  Responses stream to the client with backpressure; private ports require a JWT (see
 L{twisted_gateway.http.auth}); a websocket upgrade is forwarded and, once the shard answers,
 the connection becomes a splice.
 """
@@ -24,10 +24,7 @@ from twisted.web import http
 from twisted.web._newclient import (
     RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived,
 )
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
@@ -39,6 +36,7 @@ from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import AuthDecision, TokenVerifier, bearer_token
 from twisted_gateway.http.errors import negotiate, quiet_site, write_error
+from twisted_gateway.http.upstream import UpstreamPool
 from twisted_gateway.limits import retry_after_header
 from twisted_gateway.splice import Splice
 
@@ -73,11 +71,7 @@ class HTTPRouteContext:
         self.cookie_max_age = cookie_max_age
         # Set by the gateway: the admission state in force (rate limits), swapped on reload.
         self.admission: Any = None
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = pool_size
-        self.pool.retryAutomatically = True
-        self.pool._factory.noisy = False  # type: ignore[attr-defined]
-        self.agent = Agent.usingEndpointFactory(reactor, _ShardEndpoints(reactor, self), pool=self.pool)
+        self.upstream = UpstreamPool(reactor, connect_timeout, pool_size)
 
     def token_of(self, request: Any) -> str | None:
         return bearer_token(request.getHeader(b"authorization")) or (
@@ -90,25 +84,6 @@ class HTTPRouteContext:
             return False
         host = (parts.hostname or "").lower()
         return parts.scheme == "https" and (host == self.hostname or host.endswith("." + self.hostname))
-
-
-@implementer(IAgentEndpointFactory)
-class _ShardEndpoints:
-    """Connect to IP-literal shard addresses directly: Agent's default endpoint resolves every
-    host, IP literals included, in a thread."""
-
-    def __init__(self, reactor: Any, ctx: HTTPRouteContext) -> None:
-        self.reactor = reactor
-        self.ctx = ctx
-
-    def endpointForURI(self, uri: Any) -> Any:
-        host = uri.host.decode("ascii")
-        timeout = self.ctx.connect_timeout
-        if isIPAddress(host):
-            return TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=timeout)
-        if isIPv6Address(host):
-            return TCP6ClientEndpoint(self.reactor, host, uri.port, timeout=timeout)
-        return HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=timeout)
 
 
 class _BodyForwarder(Protocol):
@@ -331,8 +306,6 @@ class ProxyResource(Resource):
 
     def _forward(self, request: Any, body: Any = None) -> Any:
         shard, port = self.route.shard, self.route.port
-        address = f"[{shard.address}]" if ":" in shard.address else shard.address
-        uri = f"http://{address}:{port.target_port}".encode() + request.uri
         if body is None:
             content = request.content
             content.seek(0, 2)
@@ -341,7 +314,8 @@ class ProxyResource(Resource):
             if length or request.method not in _BODYLESS:
                 body = FileBodyProducer(content)
         started = time.monotonic()
-        d = self.ctx.agent.request(request.method, uri, self._upstream_headers(request), body)
+        d = self.ctx.upstream.request(shard.address, port.target_port, request.method, request.uri,
+                                      self._upstream_headers(request), body)
         timed_out: list[bool] = []
 
         def time_out() -> None:
