@@ -182,6 +182,7 @@ class Gateway:
             config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,
             config.http.pool_size)
         self.http.admission = lambda: self.admission
+        self.http.access_log = config.log.access_log
         self.api = GatewayAPI(self.directory, verifier, self.hostname, config.api.cors_allowed_origin,
                               lambda: openapi_document(self.hostname))
         self.api_site = quiet_site(self.api.resource())
@@ -363,6 +364,7 @@ class Gateway:
         self.http.connect_timeout = new.tcp.connect_timeout
         self.http.upstream.connect_timeout = new.tcp.connect_timeout
         self.http.signin_url = new.auth.signin_url
+        self.http.access_log = new.log.access_log
         self.api.verifier = verifier
         self.api.cors_origin = new.api.cors_allowed_origin
         logs.set_level(self.observer, new.log.level)

@@ -71,6 +71,7 @@ class HTTPRouteContext:
         self.cookie_max_age = cookie_max_age
         # Set by the gateway: the admission state in force (rate limits), swapped on reload.
         self.admission: Any = None
+        self.access_log = True
         self.upstream = UpstreamPool(reactor, connect_timeout, pool_size)
 
     def token_of(self, request: Any) -> str | None:
@@ -156,8 +157,20 @@ class ProxyResource(Resource):
         self._forward(request, body)
         return body
 
+    def _access_log(self, request: Any, started: float) -> None:
+        self.log.info(
+            "access {client} {method} {path} -> {status} shard={shard} port={port} "
+            "bytes={bytes} duration={duration:.3f}",
+            event_kind="http_access", client=getattr(request.getClientAddress(), "host", "?"),
+            method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+            status=request.code, shard=self.route.shard.id, port=self.route.port.port,
+            bytes=request.sentLength, duration=time.monotonic() - started)
+
     def render(self, request: Any) -> Any:
         # render runs once the whole request has arrived.
+        if self.ctx.access_log:
+            started = time.monotonic()
+            request.notifyFinish().addBoth(lambda _: self._access_log(request, started))
         streamed = getattr(request, "body", None)
         received = getattr(request, "received", None)
         if streamed is not None:
