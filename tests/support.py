@@ -179,6 +179,15 @@ class Gateway:
         raw = socket.create_connection(("127.0.0.1", self.tls_port), timeout=timeout)
         return ctx.wrap_socket(raw, server_hostname=name)
 
+    def echoes(self, name: str = "echo-9000.localhost") -> bool:
+        """Whether a TLS connection to C{name} reaches an echo upstream and back."""
+        try:
+            with self.connect(name, timeout=5) as tls:
+                tls.sendall(b"ping")
+                return tls.recv(10) == b"ping"
+        except OSError:
+            return False
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
