@@ -444,3 +444,21 @@ def test_chunked_streaming_head_204_reuse_and_truncation(start_gateway):
         assert out.returncode != 0
     finally:
         sock.close()
+
+
+def test_request_retried_once_when_a_kept_alive_connection_was_closed(start_gateway):
+    replies = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+        [None],                                          # the shard drops the reused connection
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+    ]
+    sock, state = _raw_http_upstream(replies)
+    try:
+        gw = start_gateway([shard("r", "raw", 8080, sock.getsockname()[1], protocol="http/1.1")])
+        assert curl(gw, "raw-8080.localhost", "/1")[2] == b"first"
+        status, _, body = curl(gw, "raw-8080.localhost", "/2")
+        assert (status, body) == (200, b"second")
+        assert state["connections"] == 2
+        assert state["requests"] == ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1", "GET /2 HTTP/1.1"]
+    finally:
+        sock.close()

@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 MAX_HEAD = 64 * 1024
+_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class UpstreamResponse:
@@ -315,23 +316,14 @@ class UpstreamPool:
             head.append(b"Content-Length: 0")
         raw_head = b"\r\n".join(head) + b"\r\n\r\n"
         key = (address, port)
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.transport is not None:
-                return conn.send(method, raw_head, body)
-        # (a connection taken from the pool is cancelled through its own Deferred's canceller)
-        connected: Deferred = Deferred()
-        connector = self.reactor.connectTCP(address, port, _Factory(self, key, connected),
-                                            timeout=self.connect_timeout)
         state: dict[str, Any] = {}
 
         def cancel(_: Deferred) -> None:
             conn = state.get("conn")
             if conn is not None:
                 conn.abort()
-            else:
-                connector.stopConnecting()
+            elif "connector" in state:
+                state["connector"].stopConnecting()
         result: Deferred = Deferred(cancel)
 
         def settle(outcome: Any) -> None:
@@ -341,11 +333,44 @@ class UpstreamPool:
                 else:
                     result.callback(outcome)
 
-        def made(conn: _UpstreamConnection) -> None:
+        def send_on(conn: _UpstreamConnection) -> Deferred:
             state["conn"] = conn
-            conn.send(method, raw_head, body).addBoth(settle)
-        connected.addCallbacks(made, settle)
+            return conn.send(method, raw_head, body)
+
+        def fresh() -> None:
+            state.pop("conn", None)
+            connected: Deferred = Deferred()
+            state["connector"] = self.reactor.connectTCP(
+                address, port, _Factory(self, key, connected), timeout=self.connect_timeout)
+            connected.addCallbacks(lambda conn: send_on(conn).addBoth(settle), settle)
+
+        reused = self._take(key)
+        if reused is None:
+            fresh()
+            return result
+        attempt = send_on(reused)
+        if body is None and method in _RETRYABLE:
+            # A kept-alive connection the shard closed just as it was reused: the request
+            # never got an answer and had no body, so it is safe to send it again once.
+            def retry(failure: Failure) -> Any:
+                if failure.check(ResponseNeverReceived) and not result.called:
+                    fresh()
+                    return None
+                return failure
+            attempt.addErrback(retry)
+            attempt.addCallback(lambda outcome: None if outcome is None else settle(outcome))
+            attempt.addErrback(settle)
+        else:
+            attempt.addBoth(settle)
         return result
+
+    def _take(self, key: tuple[str, int]) -> _UpstreamConnection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None:
+                return conn
+        return None
 
     def release(self, conn: _UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.key, [])
