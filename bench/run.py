@@ -40,6 +40,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from common import free_port, run_and_report, twistd  # noqa: E402
 sys.path.insert(0, REPO)
 
 from twisted_gateway.tls.localca import LocalCA  # noqa: E402
@@ -48,12 +50,6 @@ HOSTNAME = "bench.test"
 NAMES = {"tcp": f"nginx-80.{HOSTNAME}", "http": f"web-8080.{HOSTNAME}", "h2": f"h2-8081.{HOSTNAME}",
          "bulk_up": f"sink-9000.{HOSTNAME}", "bulk_down": f"source-9001.{HOSTNAME}"}
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 20) -> None:
@@ -167,9 +163,8 @@ http {{
                             "directory": {"file": directory},
                             "limits": {"max_connections_per_ip": 0, "max_connections": 0},
                             "log": {"level": "warn", "access_log": False}}, f)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         env = dict(os.environ, PYTHONPATH=REPO)
-        self.gw = self.spawn([twistd, "-n", "--pidfile=", "gateway", "--workers", "1", "--config", config], 0,
+        self.gw = self.spawn([twistd(), "-n", "--pidfile=", "gateway", "--workers", "1", "--config", config], 0,
                              env=env, stdout=open(os.path.join(self.dir, "gateway.log"), "w"),
                              stderr=subprocess.STDOUT)
         wait_port(self.gw_admin)
@@ -419,15 +414,7 @@ def main() -> None:
     for tool in ("haproxy", "nginx", "wrk", "h2load", "taskset", "unshare", "openssl"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is missing: apt-get install -y haproxy nginx-light wrk nghttp2-client util-linux openssl")
-    bench = Bench(args)
-    try:
-        report = bench.run()
-    finally:
-        bench.close()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
-    print(report)
+    run_and_report(lambda: Bench(args), args.out)
 
 
 if __name__ == "__main__":

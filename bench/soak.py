@@ -33,12 +33,8 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, HERE)
+from common import free_port, run_and_report, twistd  # noqa: E402
 
 
 def tcp_server(handler) -> int:
@@ -102,9 +98,8 @@ class Soak:
                                              "upstream_port": self.dying_port}]},
             ]}, f)
         self.log_path = os.path.join(self.dir, "gateway.log")
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.gw = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "gateway", "--workers", "1", "--log-format", "json", "--log-level", "info",
+            [twistd(), "-n", "--pidfile=", "gateway", "--workers", "1", "--log-format", "json", "--log-level", "info",
              "--tls-port", f"tcp:{self.tls_port}:interface=127.0.0.1:backlog=2048",
              "--plain-port", f"tcp:{self.admin_port}:interface=127.0.0.1",
              "--directory", os.path.join(self.dir, "shards.yaml"), "--state-dir", os.path.join(self.dir, "state"),
@@ -280,15 +275,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "soak.md"))
     args = parser.parse_args()
-    soak = Soak(args)
-    try:
-        report = soak.run()
-    finally:
-        soak.close()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
-    print(report)
+    run_and_report(lambda: Soak(args), args.out)
 
 
 if __name__ == "__main__":
