@@ -75,6 +75,9 @@ def test_lookup_semantics():
     assert snap.lookup(RouteKey("db", 80, (100, 5))).reason == "unknown_port"
     assert snap.lookup(RouteKey("zz", 5432)).reason == "unknown_shard"
     assert snap.lookup(RouteKey("nopri", 5432)).reason == "no_primary"
+    # HTTP clients get a status that matches the refusal.
+    assert [Refusal(r, "").http_status for r in ("unknown_shard", "unknown_port", "no_primary",
+                                                  "private_port", "denied_ip")] == [404, 404, 503, 403, 403]
     # resolve() prefers a reading that exists, and the most informative refusal.
     assert isinstance(snap.resolve([RouteKey("db", 5432, (9, 9)), RouteKey("db", 5432)]), Route)
 

@@ -85,7 +85,7 @@ class Refusal:
 
     @property
     def http_status(self) -> int:
-        return 503 if self.reason == "no_primary" else 404
+        return {"no_primary": 503, "private_port": 403, "denied_ip": 403}.get(self.reason, 404)
 
 
 class DirectorySnapshot:
