@@ -201,3 +201,41 @@ def test_upstream_refused_closes_client_and_counts(start_gateway):
              what="upstream_failed outcome counted")
     assert not any(e.get("level") in ("error", "critical") for e in gw.events), gw.output()
     assert not gw.logged("Traceback")
+
+
+def _slow_count_until_eof(conn):
+    """Read slowly (so the gateway has to hold the client back), count until EOF, answer."""
+    total = 0
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        total += len(data)
+        time.sleep(0.002)
+    conn.sendall(f"{total}\n".encode())
+    conn.shutdown(socket.SHUT_WR)
+
+
+def test_eof_after_backpressure_loses_no_bytes(start_gateway):
+    """A client that half-closes while the gateway is holding it back (the upstream reads
+    slowly): every byte sent before the FIN still reaches the upstream, then the EOF."""
+    up = Upstream(_slow_count_until_eof)
+    try:
+        gw = start_gateway([shard("c", "count", 7003, up.port)])
+        tls = gw.connect("count-7003.localhost", timeout=60)
+        size = 24 * 1024 * 1024
+        block = os.urandom(1 << 20)
+        for _ in range(size // len(block)):
+            tls.sendall(block)
+        half = socket.socket(fileno=os.dup(tls.fileno()))
+        half.shutdown(socket.SHUT_WR)  # TCP FIN, no close_notify
+        half.close()
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = tls.recv(100)
+            assert chunk, "connection closed before the upstream answered"
+            reply += chunk
+        assert int(reply) == size
+        tls.close()
+    finally:
+        up.close()

@@ -63,6 +63,7 @@ class TLSServerConnection:
         self._pending: list[bytes] = []
         self._paused = False
         self._read_closed = False
+        self._eof_pending = False
         self._write_closed = False
         self._lost = False
         self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
@@ -88,12 +89,11 @@ class TLSServerConnection:
         if not self.handshake_done:
             self._fail("client_closed", None)
             return
+        # EOF without close_notify: a truncation by the strict reading of TLS, but clients that
+        # half-close TCP directly are common; carry it as end-of-stream once every byte still
+        # buffered has been delivered (which waits while the application has paused us).
+        self._eof_pending = True
         self._drain()
-        if not self._read_closed and not self._lost:
-            # EOF without close_notify: a truncation by the strict reading of TLS, but
-            # clients that half-close TCP directly are common; carry it as end-of-stream.
-            self._read_closed = True
-            self._deliver_read_closed()
 
     def raw_connection_lost(self, reason: Failure) -> None:
         if self._lost:
@@ -163,6 +163,9 @@ class TLSServerConnection:
             # upgrade switches from the HTTP channel to a splice).
             self.protocol.dataReceived(data)
         self._flush()
+        if self._eof_pending and not self._paused and not self._read_closed and not self._lost:
+            self._read_closed = True
+            self._deliver_read_closed()
 
     def _deliver_read_closed(self) -> None:
         if self._half_closeable:
