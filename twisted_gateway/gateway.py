@@ -89,11 +89,15 @@ def install_stop_handler(reactor: Any) -> None:
     """
     state = {"stopping": False}
 
+    def stop() -> None:
+        Logger().info("SIGTERM: stopping")
+        reactor.stop()
+
     def handler(signum: int, frame: Any) -> None:
         if state["stopping"]:
             return
         state["stopping"] = True
-        reactor.callFromThread(reactor.stop)
+        reactor.callFromThread(stop)
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -115,7 +119,8 @@ class GatewayService(MultiService):
         reactor = self.gateway.reactor
         if hasattr(signal, "SIGHUP"):  # POSIX only; on Windows reload by restarting the service
             signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.gateway.reload))
-        install_stop_handler(reactor)
+        # After the reactor has installed its own handlers, which would replace ours.
+        reactor.callWhenRunning(install_stop_handler, reactor)
 
     def stopService(self) -> Any:
         d = self.gateway.drain()

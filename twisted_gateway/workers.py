@@ -139,7 +139,7 @@ class Supervisor(Service):
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         from twisted_gateway.gateway import install_stop_handler
-        install_stop_handler(self.reactor)
+        self.reactor.callWhenRunning(install_stop_handler, self.reactor)
 
     def reload(self) -> None:
         """SIGHUP: every worker re-reads its configuration, directory and certificates."""
