@@ -393,17 +393,3 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
         if "state_dir" in doc and "state_dir" not in (overrides or {}):
             config = attrs.evolve(config, state_dir=rel(config.state_dir))
     return attrs.evolve(config, source=source)
-
-
-def describe_keys() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, description) for every key, for docs and --help."""
-    out = []
-    for f in attrs.fields(GatewayConfig):
-        if f.metadata.get("internal"):
-            continue
-        if f.name in _SECTIONS:
-            for sub in attrs.fields(_SECTIONS[f.name]):
-                out.append((f"{f.name}.{sub.name}", sub.default, sub.metadata["doc"]))
-        else:
-            out.append((f.name, f.default, f.metadata["doc"]))
-    return out

@@ -45,9 +45,6 @@ class ICertificateSource(Interface):
     def pair_for(name: str) -> KeyPair | None:
         """The certificate chain and key to present for C{name}, or None."""
 
-    def generation() -> int:
-        """A number that changes whenever the source's certificates change."""
-
 
 def load_pair(cert_path: str, key_path: str) -> KeyPair:
     """Load a PEM chain and key; raise L{CertificateError} with a readable reason."""
@@ -95,7 +92,6 @@ class StaticFileSource(Service):
     def __init__(self, cert_path: str, key_path: str, interval: float = 1.0) -> None:
         self.cert_path = cert_path
         self.key_path = key_path
-        self._generation = 0
         self.pair = load_pair(cert_path, key_path)
         _record_expiry(self.pair)
         self._stamp = self._stat()
@@ -129,7 +125,6 @@ class StaticFileSource(Service):
                            problem=str(e))
             return False
         self.pair = pair
-        self._generation += 1
         _record_expiry(pair)
         metrics.CERTIFICATE_RELOADS.labels(outcome="success").inc()
         self.log.info("certificate reloaded from {path}: {names}, valid until {not_after}",
@@ -139,9 +134,6 @@ class StaticFileSource(Service):
 
     def pair_for(self, name: str) -> KeyPair | None:
         return self.pair
-
-    def generation(self) -> int:
-        return self._generation
 
     def startService(self) -> None:
         super().startService()
@@ -167,9 +159,6 @@ class LocalCASource:
         else:
             pair = self.ca.issue((name,))
         return pair
-
-    def generation(self) -> int:
-        return 0
 
 
 def load_client_ca(path: str) -> list[x509.Certificate]:

@@ -72,7 +72,6 @@ class AcmeCertificateSource(Service):
         self._next_attempt: dict[Names, float] = {}
         self._renew_at: dict[Names, float] = {}
         self._denied: dict[str, float] = {}
-        self._generation = 0
         self._semaphore = DeferredSemaphore(2)
         self._bucket = TokenBucket(config.on_demand_rate, max(1.0, config.on_demand_rate), reactor.seconds)
         self._loop = LoopingCall(self.check)
@@ -94,9 +93,6 @@ class AcmeCertificateSource(Service):
             return stored.pair
         self._maybe_on_demand(name)
         return self.fallback.pair_for(name)
-
-    def generation(self) -> int:
-        return self._generation
 
     def pending(self, name: str) -> Deferred | None:
         """A Deferred that fires when an issuance covering C{name} ends, if one is running."""
@@ -255,7 +251,6 @@ class AcmeCertificateSource(Service):
         # The CA's suggested window (ARI, RFC 9773) wins when offered; else a fixed fraction.
         self._renew_at[stored.names] = ari if ari is not None else \
             stored.not_before + lifetime * self.config.renew_fraction
-        self._generation += 1
 
     # -- reporting ------------------------------------------------------------------------------
 
