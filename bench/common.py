@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+import urllib.request
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -15,6 +17,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    """Poll until something accepts on 127.0.0.1:C{port}."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def wait_ready(admin_port: int, timeout: float = 30) -> None:
+    """Poll the gateway's /readyz until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("the gateway did not become ready")
 
 
 def twistd() -> str:

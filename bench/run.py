@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import free_port, run_and_report, twistd  # noqa: E402
+from common import free_port, run_and_report, twistd, wait_port, wait_ready  # noqa: E402
 sys.path.insert(0, REPO)
 
 from twisted_gateway.tls.localca import LocalCA  # noqa: E402
@@ -50,17 +49,6 @@ HOSTNAME = "bench.test"
 NAMES = {"tcp": f"nginx-80.{HOSTNAME}", "http": f"web-8080.{HOSTNAME}", "h2": f"h2-8081.{HOSTNAME}",
          "bulk_up": f"sink-9000.{HOSTNAME}", "bulk_down": f"source-9001.{HOSTNAME}"}
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -167,15 +155,7 @@ http {{
         self.gw = self.spawn([twistd(), "-n", "--pidfile=", "gateway", "--workers", "1", "--config", config], 0,
                              env=env, stdout=open(os.path.join(self.dir, "gateway.log"), "w"),
                              stderr=subprocess.STDOUT)
-        wait_port(self.gw_admin)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                import urllib.request
-                if urllib.request.urlopen(f"http://127.0.0.1:{self.gw_admin}/readyz", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.05)
+        wait_ready(self.gw_admin)
 
     def start_haproxy(self) -> None:
         self.hp_tcp, self.hp_http = free_port(), free_port()

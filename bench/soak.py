@@ -34,7 +34,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import free_port, run_and_report, twistd  # noqa: E402
+from common import free_port, run_and_report, twistd, wait_ready  # noqa: E402
 
 
 def tcp_server(handler) -> int:
@@ -106,7 +106,7 @@ class Soak:
              "--config", self._config()],
             cwd=self.dir, env=dict(os.environ, PYTHONPATH=REPO), stdout=open(self.log_path, "w"),
             stderr=subprocess.STDOUT)
-        self._wait_ready()
+        wait_ready(self.admin_port)
         self.ctx = ssl.create_default_context(cafile=os.path.join(self.dir, "state", "local-ca.pem"))
 
     def _config(self) -> str:
@@ -114,16 +114,6 @@ class Soak:
         with open(path, "w") as f:
             f.write("tls: {handshake_timeout: 1}\nlimits: {max_connections_per_ip: 0}\nlog: {access_log: false}\n")
         return path
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=2).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("gateway did not become ready")
 
     def metric(self, name: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5).read().decode()

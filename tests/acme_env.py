@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import subprocess
 import threading
 import urllib.request
 
-from support import free_port, wait_for, which
+from support import free_port, wait_for_listener, which
 
 from twisted_gateway.tls.localca import LocalCA
 
@@ -60,7 +59,7 @@ class Pebble:
             env=dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0",
                      PEBBLE_AUTHZREUSE="0", **self._env))
         threading.Thread(target=self._read, daemon=True).start()
-        wait_for(self._up, 20, what="pebble listening")
+        wait_for_listener(self.port, "pebble", self.proc, output=lambda: "".join(self.log_lines))
 
     @property
     def directory_url(self) -> str:
@@ -70,15 +69,6 @@ class Pebble:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.log_lines.append(line)
-
-    def _up(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            if self.proc.poll() is not None:
-                raise AssertionError("pebble exited:\n" + "".join(self.log_lines))
-            return False
 
     def root_pem(self) -> str:
         """The root that signs issued certificates (regenerated at every pebble start)."""
@@ -111,14 +101,7 @@ class ChallTestSrv:
              "-dns01", f"127.0.0.1:{self.dns_port}", "-management", f"127.0.0.1:{self.management_port}",
              "-http01", "", "-https01", "", "-tlsalpn01", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.management_port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-        wait_for(up, 20, what="challtestsrv")
+        wait_for_listener(self.management_port, "challtestsrv", self.proc)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -169,16 +152,7 @@ ns A 127.0.0.1
 """)
         self.proc = subprocess.Popen([which("knotd"), "-c", os.path.join(self.dir, "knot.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise AssertionError("knotd exited")
-                return False
-        wait_for(up, 20, what="knotd")
+        wait_for_listener(self.port, "knotd", self.proc)
 
     def stop(self) -> None:
         self.proc.terminate()

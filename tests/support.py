@@ -49,6 +49,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_listener(port: int, what: str, proc: Any = None, timeout: float = 20,
+                      output: Callable[[], str] = lambda: "") -> None:
+    """Poll until something accepts on 127.0.0.1:C{port}; fail at once if C{proc} exits."""
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"{what} exited:\n{output()}")
+            return False
+    wait_for(up, timeout, what=f"{what} listening")
+
+
+def request_heads(conn: socket.socket):
+    """Yield the head of each HTTP/1.1 request arriving on C{conn} (bodies are not read)."""
+    buf = b""
+    while True:
+        while b"\r\n\r\n" not in buf:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        yield head
+
+
 def write_atomically(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -282,14 +309,7 @@ def sink_handler(conn: socket.socket) -> None:
 
 def http_handler(conn: socket.socket) -> None:
     """A minimal HTTP/1.1 server answering each request with its method and path."""
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-        head, buf = buf.split(b"\r\n\r\n", 1)
+    for head in request_heads(conn):
         request_line = head.split(b"\r\n")[0].decode()
         method, path, _ = request_line.split(" ", 2)
         body = f"upstream saw {method} {path}\n".encode()

@@ -20,7 +20,7 @@ import h2.settings
 import jwt
 import pytest
 
-from support import free_port, shard, wait_for, which
+from support import free_port, request_heads, shard, wait_for, which
 from upstreams import H2CServer, RecordingHTTPServer, WebsocketEchoServer
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -379,15 +379,8 @@ def _raw_http_upstream(responses):
     sock.listen(16)
 
     def serve(conn):
-        buf = b""
         try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
+            for head in request_heads(conn):
                 state["requests"].append(head.split(b"\r\n")[0].decode())
                 reply = responses[min(len(state["requests"]) - 1, len(responses) - 1)]
                 for piece in (reply if isinstance(reply, list) else [reply]):

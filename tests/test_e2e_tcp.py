@@ -15,7 +15,8 @@ import pytest
 from OpenSSL import SSL
 
 from support import (
-    Upstream, free_port, http_handler, reply_on_eof_handler, shard, sink_handler, wait_for, which,
+    Upstream, free_port, http_handler, reply_on_eof_handler, shard, sink_handler, wait_for,
+    wait_for_listener, which,
 )
 
 
@@ -75,14 +76,7 @@ def redis_server():
     proc = subprocess.Popen([which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-    wait_for(up, 10, what="redis-server")
+    wait_for_listener(port, "redis-server", proc)
     yield port
     proc.terminate()
     proc.wait(10)
