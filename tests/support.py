@@ -161,6 +161,11 @@ class Gateway:
     def logged(self, text: str) -> bool:
         return any(text in str(e.get("message", "")) for e in list(self.events))
 
+    def wait_logged(self, text: str, timeout: float = 5) -> None:
+        """Poll for a log line: the gateway's output is read by a thread, so a line written just
+        before an observable effect (a metric, an exit) may not have been read yet."""
+        wait_for(lambda: self.logged(text), timeout, what=f"log line {text!r}\n" + self.output())
+
     def write_directory(self, shards: list[dict]) -> None:
         write_atomically(self.directory_path, yaml.safe_dump({"shards": shards}))
 

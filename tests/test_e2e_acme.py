@@ -163,7 +163,7 @@ def test_renewal_and_corrupt_store(start_gateway, pebble_factory, echo_upstream,
     with open(os.path.join(cert_dir, stored[0]), "w") as f:
         f.write("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
     gw2 = _start(start_gateway, None, tls_port, plain_port, config)
-    assert gw2.logged("is unusable and will be replaced")
+    gw2.wait_logged("is unusable and will be replaced")
     wait_for(lambda: gw2.metric("gateway_acme_issuances_total", challenge="http-01", outcome="success") >= 1,
              timeout=60, what="replacement issued\n" + gw2.output())
     wait_for(lambda: serial() is not None, timeout=10)

@@ -165,7 +165,7 @@ def test_sigterm_drains_a_transfer_and_refuses_new_connections(start_gateway):
         assert digest.hexdigest() == expected.hexdigest()
         tls.close()
         assert gw.proc.wait(30) == 0
-        assert gw.logged("drained: all connections finished")
+        gw.wait_logged("drained: all connections finished")
     finally:
         up.close()
 
@@ -209,7 +209,7 @@ def test_sighup_reloads_directory_and_certificate_and_refuses_a_broken_config(st
         f.write("tls: {handshake_timeout: -5}\n")
     gw.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: gw.metric("gateway_config_reloads_total", outcome="failure") >= 1, timeout=5)
-    assert gw.logged("reload refused, the running configuration stays")
+    gw.wait_logged("reload refused, the running configuration stays")
     assert serial("beta-9000.gw.test") is not None
     held.sendall(b"three")
     assert held.recv(10) == b"three"

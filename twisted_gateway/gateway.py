@@ -326,8 +326,8 @@ class Gateway:
                 verifier = verifier_from_config(new.auth, new.source, self.reactor)
                 Admission(new.limits, new.proxy_protocol, self.reactor.seconds)
             except (ConfigError, ValueError) as e:
-                metrics.CONFIG_RELOADS.labels(outcome="failure").inc()
                 self.log.error("reload refused, the running configuration stays: {error}", error=str(e))
+                metrics.CONFIG_RELOADS.labels(outcome="failure").inc()
                 return
             self._apply(new, verifier)
         if self.directory_provider is not None:

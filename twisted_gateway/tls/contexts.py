@@ -120,9 +120,9 @@ class StaticFileSource(Service):
         try:
             pair = load_pair(self.cert_path, self.key_path)
         except CertificateError as e:
-            metrics.CERTIFICATE_RELOADS.labels(outcome="failure").inc()
             self.log.error("certificate reload refused, the previous certificate stays: {problem}",
                            problem=str(e))
+            metrics.CERTIFICATE_RELOADS.labels(outcome="failure").inc()
             return False
         self.pair = pair
         _record_expiry(pair)
