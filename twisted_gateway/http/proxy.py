@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import time
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import urlsplit
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
@@ -34,17 +34,16 @@ from zope.interface import implementer
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
-from twisted_gateway.http.auth import AuthDecision, TokenVerifier, bearer_token
+from twisted_gateway.http.auth import AuthDecision, TokenVerifier
 from twisted_gateway.http.errors import negotiate, quiet_site, write_error
+from twisted_gateway.http.policy import (
+    HOP_BY_HOP, Answer, auth_redirect, forwarding_headers, rate_limit_wait, refusal, request_token,
+    strip_cookie,
+)
 from twisted_gateway.http.upstream import UpstreamPool
 from twisted_gateway.limits import retry_after_header
 from twisted_gateway.splice import Splice
 
-# RFC 9110 7.6.1: connection-specific fields never forwarded.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
-    b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
 _BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
@@ -75,8 +74,8 @@ class HTTPRouteContext:
         self.upstream = UpstreamPool(reactor, connect_timeout, pool_size)
 
     def token_of(self, request: Any) -> str | None:
-        return bearer_token(request.getHeader(b"authorization")) or (
-            request.getCookie(self.cookie_name).decode("latin-1") if request.getCookie(self.cookie_name) else None)
+        return request_token(request.getHeader(b"authorization"),
+                             request.requestHeaders.getRawHeaders(b"cookie", []), self.cookie_name)
 
     def url_is_ours(self, url: str) -> bool:
         try:
@@ -182,9 +181,9 @@ class ProxyResource(Resource):
             return NOT_DONE_YET
         if request.path == b"/auth-redirect" and request.method == b"GET":
             return self._auth_redirect(request)
-        refusal = getattr(request, "refusal", None)
-        if refusal is not None:
-            return self._refuse(request, refusal)
+        refused = getattr(request, "refusal", None)
+        if refused is not None:
+            return self._refuse(request, refused)
         wait = getattr(request, "rate_limited", 0.0)
         if wait:
             return self._too_many(request, wait)
@@ -213,40 +212,25 @@ class ProxyResource(Resource):
         return self.ctx.verifier.authorize(self.ctx.token_of(request), self.route.shard.task)
 
     def _refuse(self, request: Any, decision: AuthDecision) -> bytes:
-        wants_page = request.method == b"GET" and negotiate(request.getHeader(b"accept")) == "html"
-        if wants_page and decision.status == 401 and self.ctx.signin_url:
-            original = f"https://{request.getRequestHostname().decode()}" \
-                       f"{self._port_suffix(request)}{request.uri.decode('latin-1')}"
-            sep = "&" if "?" in self.ctx.signin_url else "?"
-            request.setResponseCode(307)
-            request.setHeader(b"location",
-                              f"{self.ctx.signin_url}{sep}orig_url={quote(original, safe='')}".encode())
-            request.setHeader(b"cache-control", b"no-store")
-            metrics.count_request("proxy", 307, request.method)
-            return b""
-        if decision.status == 401:
-            request.setHeader(b"www-authenticate",
-                              f'Bearer error="invalid_token", error_description="{decision.message}"'.encode())
-        return self._finish_error(request, decision.status, decision.outcome, decision.message)
+        original = f"https://{request.getRequestHostname().decode()}" \
+                   f"{self._port_suffix(request)}{request.uri.decode('latin-1')}"
+        wants_html = negotiate(request.getHeader(b"accept")) == "html"
+        return self._answer(request, refusal(self.ctx, decision, request.method, wants_html, original))
+
+    def _answer(self, request: Any, answer: Answer) -> bytes:
+        for name, value in answer.headers:
+            request.setHeader(name, value)
+        if answer.error is not None:
+            return self._finish_error(request, answer.status, *answer.error)
+        request.setResponseCode(answer.status)
+        metrics.count_request("proxy", answer.status, request.method)
+        return b""
 
     def _rate_limited(self, request: Any, decision: AuthDecision | None) -> float:
         """0, or the seconds until this client (IP, then token subject) may send again."""
-        admission = self.ctx.admission() if self.ctx.admission is not None else None
-        if admission is None:
-            return 0.0
         ip = getattr(request.getClientAddress(), "host", "?")
-        wait = admission.request_rate_ip.take(ip)
-        if wait:
-            metrics.HTTP_RATE_LIMITED.labels(key="ip").inc()
-            return wait
-        if decision is not None and decision.claims is not None and admission.request_rate_token.enabled:
-            subject = str(decision.claims.get("sub") or decision.claims.get("jti") or
-                          hash(self.ctx.token_of(request)))
-            wait = admission.request_rate_token.take(subject)
-            if wait:
-                metrics.HTTP_RATE_LIMITED.labels(key="token").inc()
-                return wait
-        return 0.0
+        token = self.ctx.token_of(request) if decision is not None else None
+        return rate_limit_wait(self.ctx, ip, decision, token)
 
     def _too_many(self, request: Any, wait: float) -> bytes:
         request.setHeader(b"retry-after", retry_after_header(wait))
@@ -258,26 +242,7 @@ class ProxyResource(Resource):
         return "" if port == 443 else f":{port}"
 
     def _auth_redirect(self, request: Any) -> bytes:
-        args = parse_qs(request.uri.decode("latin-1").partition("?")[2])
-        token = (args.get("token") or [""])[0]
-        orig_url = (args.get("orig_url") or [""])[0]
-        if not orig_url or not self.ctx.url_is_ours(orig_url):
-            return self._finish_error(request, 400, "bad_orig_url",
-                                      "orig_url must be an https URL under the gateway hostname")
-        if self.ctx.verifier is None:
-            return self._finish_error(request, 403, "invalid", "auth is not configured")
-        decision = self.ctx.verifier.verify(token) if token else AuthDecision("missing", 401, "no token")
-        metrics.AUTH_DECISIONS.labels(outcome=decision.outcome).inc()
-        if not decision.allowed:
-            return self._finish_error(request, decision.status, decision.outcome, decision.message)
-        cookie = (self.ctx.cookie_name + b"=" + token.encode() +
-                  b"; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=" + str(self.ctx.cookie_max_age).encode())
-        request.setHeader(b"set-cookie", cookie)
-        request.setResponseCode(307)
-        request.setHeader(b"location", orig_url.encode())
-        request.setHeader(b"cache-control", b"no-store")
-        metrics.count_request("proxy", 307, request.method)
-        return b""
+        return self._answer(request, auth_redirect(self.ctx, request.uri.decode("latin-1").partition("?")[2]))
 
     # -- forwarding -------------------------------------------------------------------------------
 
@@ -294,28 +259,19 @@ class ProxyResource(Resource):
             if lname in drop:
                 continue
             if lname == b"cookie":
-                values = [v for v in (self._strip_auth_cookie(v) for v in values) if v]
+                values = [v for v in (strip_cookie(v, self.ctx.cookie_name) for v in values) if v]
                 if not values:
                     continue
             out.setRawHeaders(name, values)
         client = request.getClientAddress()
         client_ip = getattr(client, "host", "unknown")
         host = request.getHeader(b"host") or request.getRequestHostname()
-        previous = incoming.getRawHeaders(b"x-forwarded-for", [])
-        out.setRawHeaders(b"x-forwarded-for", [b", ".join(previous + [client_ip.encode()])])
-        out.setRawHeaders(b"x-forwarded-proto", [b"https"])
-        out.setRawHeaders(b"x-forwarded-host", [host])
-        for_value = f'"[{client_ip}]"' if ":" in client_ip else client_ip
-        forwarded = incoming.getRawHeaders(b"forwarded", [])
-        out.setRawHeaders(b"forwarded", [b", ".join(
-            forwarded + [f"for={for_value};proto=https;host={host.decode('latin-1')}".encode()])])
+        for name, value in forwarding_headers(incoming.getRawHeaders(b"x-forwarded-for", []),
+                                              incoming.getRawHeaders(b"forwarded", []), client_ip, host):
+            out.setRawHeaders(name, [value])
         if not out.hasHeader(b"host"):
             out.setRawHeaders(b"host", [host])
         return out
-
-    def _strip_auth_cookie(self, value: bytes) -> bytes:
-        parts = [p.strip() for p in value.split(b";")]
-        return b"; ".join(p for p in parts if p and not p.startswith(self.ctx.cookie_name + b"="))
 
     def _forward(self, request: Any, body: Any = None) -> Any:
         shard, port = self.route.shard, self.route.port
