@@ -34,6 +34,7 @@ from twisted_gateway.proxyheader import (
 from twisted_gateway.splice import Splice
 from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.http.auth import task_covered
+from twisted_gateway.http.h2proxy import H2FrontConnection, H2PortProtocol, H2Upstream
 from twisted_gateway.tls.acme import ACME_TLS_ALPN
 from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL, client_certificate_prefixes
 
@@ -205,19 +206,20 @@ class FrontDoor(Protocol):
             self.outcome = "http"
             self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.gateway.proxy_site(result)))
             return
+        if protocol == "h2":
+            self.outcome = "http"
+            self._start_tls(name, _HTTP_ALPN, self._h2_port_protocol(result))
+            return
         client_auth = False
-        if not result.port.public and protocol == "tcp" and self.gateway.contexts.client_ca:
+        if not result.port.public and self.gateway.contexts.client_ca:
             client_auth = True  # a client certificate covering the task opens it
         elif not result.port.public:
-            # Private h2 ports (spliced unparsed, so no per-request token check) and private
-            # tcp ports without tcp.client_ca have no way in.
+            # Private tcp ports without tcp.client_ca have no way in.
             self._refuse_route(name, hello, Refusal(
                 "private_port", f"port {result.port.port} of {result.shard.hostname_label} is private"),
                 alert=ch.ALERT_ACCESS_DENIED)
             return
-        # tcp, and h2 ports (spliced as is to the shard's h2c prior-knowledge listener, so
-        # gRPC trailers and every h2 feature pass through untouched).
-        self.outcome = "tcp" if protocol == "tcp" else "http"
+        self.outcome = "tcp"
         preamble = b""
         if result.port.send_proxy:
             local = self.transport.getHost()
@@ -255,11 +257,26 @@ class FrontDoor(Protocol):
         self.http_protocol = proto
         return proto
 
+    def _h2_port_protocol(self, route: Route) -> H2PortProtocol:
+        """h2 clients are proxied frame by frame; HTTP/1.1 clients through the HTTP/1.1 route."""
+        http = self.gateway.http
+        limits = self.gateway.config.limits
+
+        def chosen(proto: Any) -> None:
+            self.http_protocol = proto
+        return H2PortProtocol(
+            lambda: H2FrontConnection(route, http, limits.max_header_bytes, limits.http_idle_timeout),
+            lambda upstream: self._http_protocol(self.gateway.proxy_site(route, upstream)),
+            H2Upstream(self.reactor, http.connect_timeout), chosen)
+
     def drain(self) -> None:
         """The gateway is stopping: end HTTP keep-alive after the request in progress."""
         proto = self.http_protocol
         tls = self._tls
         if proto is None or tls is None or not tls.handshake_done:
+            return
+        if isinstance(proto, H2FrontConnection):
+            proto.drain()
             return
         channel = getattr(proto, "_channel", None)
         if isinstance(channel, HTTPChannel):

@@ -239,8 +239,8 @@ class Gateway:
     def error_site(self, status: int, code: str, message: str) -> Any:
         return error_site(status, code, message)
 
-    def proxy_site(self, route: Any) -> Any:
-        return proxy_site(route, self.http)
+    def proxy_site(self, route: Any, upstream: Any = None) -> Any:
+        return proxy_site(route, self.http, upstream)
 
     def port_filter(self, port: Any) -> IPFilter | None:
         """The allow/deny filter of a shard port, or None when it has none."""

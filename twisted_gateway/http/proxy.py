@@ -1,5 +1,6 @@
 """
-The reverse proxy for shard ports declared ``http/1.1``.
+The reverse proxy for shard ports declared ``http/1.1`` (and for HTTP/1.1 clients of ``h2``
+ports, see L{twisted_gateway.http.h2proxy}).
 
 Clients speak HTTP/1.1 or h2 (twisted.web serves both, chosen by ALPN); the shard is spoken to
 in HTTP/1.1 through a keep-alive connection pool (L{twisted_gateway.http.upstream}, keyed by shard address
@@ -122,10 +123,14 @@ class ProxyResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, route: Route, ctx: HTTPRouteContext) -> None:
+    def __init__(self, route: Route, ctx: HTTPRouteContext, upstream: Any = None) -> None:
         super().__init__()
         self.route = route
         self.ctx = ctx
+        # The shard is spoken to in HTTP/1.1 through the shared pool, or for h2 ports through
+        # the client connection's own h2 upstream (L{twisted_gateway.http.h2proxy.H2Upstream}).
+        self.upstream = upstream if upstream is not None else ctx.upstream
+        self.websockets = upstream is None
 
     # -- entry ----------------------------------------------------------------------------------
 
@@ -135,7 +140,7 @@ class ProxyResource(Resource):
         it, so the body streams to the shard as it arrives.  Returns the body pipe, or None
         when the body should be kept for L{render} (refused or special requests).
         """
-        if request.path == b"/auth-redirect" or request.requestHeaders.hasHeader(b"upgrade"):
+        if request.path == b"/auth-redirect" or (self.websockets and request.requestHeaders.hasHeader(b"upgrade")):
             return None
         decision = None
         if not self.route.port.public:
@@ -195,8 +200,8 @@ class ProxyResource(Resource):
         wait = self._rate_limited(request, decision)
         if wait:
             return self._too_many(request, wait)
-        if request.requestHeaders.hasHeader(b"upgrade") and request.clientproto == b"HTTP/1.1" \
-                and isinstance(request.channel, http.HTTPChannel):
+        if self.websockets and request.requestHeaders.hasHeader(b"upgrade") \
+                and request.clientproto == b"HTTP/1.1" and isinstance(request.channel, http.HTTPChannel):
             return self._upgrade(request)
         return self._forward(request)
 
@@ -283,7 +288,7 @@ class ProxyResource(Resource):
             if length or request.method not in _BODYLESS:
                 body = FileBodyProducer(content)
         started = time.monotonic()
-        d = self.ctx.upstream.request(shard.address, port.target_port, request.method, request.uri,
+        d = self.upstream.request(shard.address, port.target_port, request.method, request.uri,
                                       self._upstream_headers(request), body)
         timed_out: list[bool] = []
 
@@ -519,8 +524,8 @@ class StreamingProxyRequest(Request):
         self.path = uri.split(b"?", 1)[0]
 
 
-def proxy_site(route: Route, ctx: HTTPRouteContext) -> Site:
-    resource = ProxyResource(route, ctx)
+def proxy_site(route: Route, ctx: HTTPRouteContext, upstream: Any = None) -> Site:
+    resource = ProxyResource(route, ctx, upstream)
     site = quiet_site(resource)
     site.requestFactory = lambda *args, **kwargs: StreamingProxyRequest(resource, *args, **kwargs)
     return site
