@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -171,3 +172,84 @@ class WebsocketEchoServer:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+class GrpcEchoServer:
+    """A real gRPC server (grpcio, h2c) with raw-bytes methods of every kind, recording the
+    metadata of each call."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        self.metadata: list[dict] = []
+        outer = self
+
+        def record(context) -> None:
+            outer.metadata.append({k: v for k, v in context.invocation_metadata()})
+
+        def unary(request: bytes, context) -> bytes:
+            record(context)
+            return b"echo:" + request
+
+        def fail(request: bytes, context) -> bytes:
+            record(context)
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + request.decode())
+
+        def slow(request: bytes, context) -> bytes:
+            time.sleep(float(request.decode()))
+            return b"late"
+
+        def stream(request: bytes, context):
+            count, size = (int(x) for x in request.decode().split("x"))
+            for i in range(count):
+                yield bytes([i % 256]) * size
+
+        def upload(requests, context) -> bytes:
+            digest = hashlib.sha256()
+            total = 0
+            for message in requests:
+                digest.update(message)
+                total += len(message)
+            return f"{total}:{digest.hexdigest()}".encode()
+
+        def chat(requests, context):
+            for message in requests:
+                yield message[::-1]
+
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        }
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(grace=None)
+
+
+class Nghttpd:
+    """nghttpd (Debian's nghttp2-server) serving a directory over h2c, echoing uploads."""
+
+    def __init__(self, docroot: str) -> None:
+        from support import free_port, wait_for_listener, which
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [which("nghttpd"), "--no-tls", "--echo-upload", "-d", docroot, "-a", "127.0.0.1", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_listener(self.port, "nghttpd", self.proc)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -220,7 +220,7 @@ class ShardConnection(_H2Peer):
     """
     An h2c (prior knowledge) connection to one shard port.  Streams are opened for listeners
     (an L{_Exchange} or an L{_UpstreamStream}), which receive the shard's answer:
-    C{opened(shard, stream_id)}, C{response(headers)}, C{data(data, flow_length)},
+    C{opened(shard, stream_id)}, C{response(headers, ended)}, C{data(data, flow_length)},
     C{trailers(headers)}, C{ended()}, C{failed(failure)}.
     """
 
@@ -248,7 +248,7 @@ class ShardConnection(_H2Peer):
         self.transport.registerProducer(self, True)
         self.state = "open"
         self._open_waiting()
-        self.flush()
+        self.flush_both()  # the client's held body bytes were acknowledged too
 
     def connect_failed(self, reason: Failure) -> None:
         self.state = "closed"
@@ -340,7 +340,7 @@ class ShardConnection(_H2Peer):
             listener = self.listeners.get(getattr(event, "stream_id", 0) or 0)
             if isinstance(event, h2.events.ResponseReceived):
                 if listener is not None:
-                    listener.response(event.headers)
+                    listener.response(event.headers, event.stream_ended is not None)
             elif isinstance(event, h2.events.DataReceived):
                 if listener is not None:
                     listener.data(event.data, event.flow_controlled_length)
@@ -434,6 +434,8 @@ class _Exchange:
         self.response_pipe: _Pipe | None = None
         self.held: list[tuple[bytes, int]] = []
         self.held_end: Any = None
+        self.headers_only = False
+        """The request was its headers alone (END_STREAM on HEADERS), sent to the shard so."""
         self.request_ended = False
         self.response_started = False
         self.response_ended = False
@@ -458,7 +460,9 @@ class _Exchange:
         if self.request_ended:
             return
         self.request_ended = True
-        if self.request_pipe is not None:
+        if self.headers_only:
+            pass
+        elif self.request_pipe is not None:
             self.request_pipe.finish(trailers)
         else:
             self.held_end = trailers if trailers is not None else True
@@ -477,6 +481,8 @@ class _Exchange:
 
     def opened(self, shard: ShardConnection, stream_id: int) -> None:
         self.shard_id = stream_id
+        if self.headers_only:
+            return
         self.request_pipe = _Pipe(shard, stream_id, self._request_consumed)
         held, self.held = self.held, []
         for data, flow_length in held:
@@ -487,7 +493,7 @@ class _Exchange:
     def _request_consumed(self, size: int) -> None:
         self.front.ack(self.client_id, size)
 
-    def response(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         if self.finished:
             return
         self._cancel_timer()
@@ -500,9 +506,16 @@ class _Exchange:
         metrics.count_request("proxy", self.status, self.method)
         front = self.front
         try:
-            front.h2.send_headers(self.client_id, headers)
+            # A response of headers alone (gRPC's trailers-only error) keeps its END_STREAM.
+            front.h2.send_headers(self.client_id, headers, end_stream=ended)
         except h2.exceptions.ProtocolError:
             self.client_reset()
+            return
+        if ended:
+            self.response_ended = True
+            if not self.request_ended:
+                front.after_response(self)
+            self._done("ok")
             return
         assert self.shard is not None and self.shard_id is not None
         shard, shard_id = self.shard, self.shard_id
@@ -626,7 +639,7 @@ class H2FrontConnection(_H2Peer):
             return
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
-                self._request(event.stream_id, event.headers)
+                self._request(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, h2.events.DataReceived):
                 exchange = self.exchanges.get(event.stream_id)
                 if exchange is not None:
@@ -687,7 +700,7 @@ class H2FrontConnection(_H2Peer):
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         self._cancel_idle()
         pseudo: dict[bytes, bytes] = {}
         regular: list[tuple[bytes, bytes]] = []
@@ -764,7 +777,8 @@ class H2FrontConnection(_H2Peer):
         out += forwarding_headers(forwarded_for, forwarded, self._client_ip(), authority)
         shard = self._shard()
         exchange.shard = shard
-        shard.open(exchange, out, end_stream=False)
+        exchange.headers_only = ended
+        shard.open(exchange, out, end_stream=ended)
 
     def _client_ip(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -935,7 +949,7 @@ class _UpstreamStream:
         self.unacked = 0
         self.paused = False
         self.body_paused = False
-        self.ended = False
+        self.complete = False
         self.gone = False
         self.body_done = body is None
 
@@ -944,6 +958,7 @@ class _UpstreamStream:
         if self.pipe is None or not data:
             return
         self.pipe.push(data, len(data))
+        self.shard.flush()
         if self.pipe.held > self._HOLD and not self.body_paused:
             self.body_paused = True
             self.body.pauseProducing()
@@ -974,7 +989,7 @@ class _UpstreamStream:
         finished.addCallbacks(body_done, lambda f: self.cancel())
         shard.flush()
 
-    def response(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         code = 502
         out = Headers()
         length: Any = UNKNOWN_LENGTH
@@ -997,7 +1012,7 @@ class _UpstreamStream:
         pending, self.pending = self.pending, []
         for chunk in pending:
             receiver.dataReceived(chunk)
-        if self.ended:
+        if self.complete:
             self._finish(Failure(ResponseDone()))
 
     def data(self, data: bytes, flow_length: int) -> None:
@@ -1020,7 +1035,7 @@ class _UpstreamStream:
         pass  # twisted.web cannot send trailers on an HTTP/1.1 response
 
     def ended(self) -> None:
-        self.ended = True
+        self.complete = True
         if self.receiver is not None:
             self._finish(Failure(ResponseDone()))
 
@@ -1053,7 +1068,7 @@ class _UpstreamStream:
     def cancel(self) -> None:
         if self.body is not None and not self.body_done:
             self.body.stopProducing()
-        if not self.ended:
+        if not self.complete:
             self.shard.cancel(self, self.stream_id)
             self.shard.flush()
 
