@@ -245,3 +245,73 @@ def test_disk_store_round_trip_and_corruption(tmp_path):
     (tmp_path / "state" / "acme" / "certificates" / "_wildcard.gw.test.pem").write_text("junk")
     store2 = DiskCertificateStore(str(tmp_path / "state"))
     assert store2.load_all() == [] and store2.corrupted == ["*.gw.test"]
+
+
+# -- h2 proxy flow control -----------------------------------------------------------------------
+
+def test_h2_pipe_sends_within_windows_and_acknowledges_only_what_it_sent():
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from twisted_gateway.http.h2proxy import _H2Peer, _Pipe
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    peer = _H2Peer()
+    peer.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    transport = StringTransport()
+    peer.makeConnection(transport)
+    peer.h2.initiate_connection()
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"),
+                            (":authority", "x")], end_stream=True)
+    peer.h2.receive_data(client.data_to_send())
+    client.receive_data(peer.h2.data_to_send())
+
+    consumed: list[int] = []
+    peer.h2.send_headers(1, [(":status", "200")])
+    pipe = _Pipe(peer, 1, consumed.append)
+    pipe.push(b"x" * 100_000, 100_010)  # ten bytes of padding
+    peer.flush()
+    # The client's default window is 65535: that much is sent and acknowledged, no more.
+    assert sum(consumed) == 65535 and pipe.held == 100_000 - 65535
+    received = [e for e in client.receive_data(transport.value()) if isinstance(e, h2.events.DataReceived)]
+    assert sum(len(e.data) for e in received) == 65535
+    transport.clear()
+
+    # The socket is full: a window update alone sends nothing.
+    peer.pauseProducing()
+    client.acknowledge_received_data(65535, 1)
+    for event in peer.h2.receive_data(client.data_to_send()):
+        if isinstance(event, h2.events.WindowUpdated):
+            peer.pump_stream(event.stream_id)
+    assert sum(consumed) == 65535
+    # Writable again: the rest goes, padding acknowledged with the last byte, then the end.
+    peer.resumeProducing()
+    pipe.finish()
+    peer.flush()
+    assert sum(consumed) == 100_010 and pipe.done and 1 not in peer.pipes
+    events = client.receive_data(transport.value())
+    assert sum(len(e.data) for e in events if isinstance(e, h2.events.DataReceived)) == 100_000 - 65535
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+def test_h2_pipe_gives_back_the_window_of_what_it_drops():
+    import h2.config
+    import h2.connection
+
+    from twisted_gateway.http.h2proxy import _H2Peer, _Pipe
+
+    peer = _H2Peer()
+    peer.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    peer.makeConnection(StringTransport())
+    peer.pauseProducing()
+    consumed: list[int] = []
+    pipe = _Pipe(peer, 1, consumed.append)
+    pipe.push(b"abc", 3)
+    pipe.push(b"defg", 8)
+    assert consumed == []
+    pipe.abandon()  # the stream it was going to was reset
+    assert consumed == [11] and pipe.done
+    pipe.push(b"late", 4)
+    assert consumed == [11, 4]
