@@ -209,10 +209,13 @@ def test_upstream_down_502_and_slow_504(http_gateway):
     wait_for(lambda: http_gateway.metric("gateway_http_requests_total", code_class="5xx") >= 2)
 
 
-def test_h2_port_with_trailers(start_gateway):
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_h2_port_with_trailers(start_gateway, passthrough):
     up = H2CServer()
     try:
-        gw = start_gateway([shard("g1", "grpc", 50051, up.port, protocol="h2")])
+        entry = shard("g1", "grpc", 50051, up.port, protocol="h2")
+        entry["ports"][0]["passthrough"] = passthrough
+        gw = start_gateway([entry])
         ctx = ssl.create_default_context(cafile=gw.ca_path)
         ctx.set_alpn_protocols(["h2"])
         with socket.create_connection(("127.0.0.1", gw.tls_port), timeout=10) as raw:
@@ -240,6 +243,9 @@ def test_h2_port_with_trailers(start_gateway):
                     tls.sendall(conn.data_to_send())
         assert body == b"h2 upstream answered /pkg.Service/Method"
         assert trailers == {b"grpc-status": b"0", b"grpc-message": b"ok"}
+        # Passed through, the streams reach the shard unparsed: no request was counted.
+        counted = gw.metric("gateway_http_requests_total", route="proxy", code_class="2xx")
+        assert counted == (0 if passthrough else 1)
     finally:
         up.close()
 

@@ -95,6 +95,10 @@ def test_directory_validation_errors():
         ({"shards": [good, good]}, "shard id 'a' appears twice"),
         ({"shards": [good, dict(good, id="b", task="other")]}, "is used by tasks"),
         ({"shards": [dict(good, address="not an address!")]}, "shards[0].address"),
+        ({"shards": [dict(good, ports=[{"port": 1, "protocol": "h2", "public": False, "passthrough": True}])]},
+         "shards[0].ports[0].passthrough: only public h2 ports"),
+        ({"shards": [dict(good, ports=[{"port": 1, "protocol": "tcp", "public": True, "passthrough": True}])]},
+         "shards[0].ports[0].passthrough: only public h2 ports"),
         ({"shards": "x"}, "shards: expected a list"),
         ([], "top level"),
     ]
@@ -104,7 +108,7 @@ def test_directory_validation_errors():
 
 
 def test_shard_dict_round_trip():
-    s = _shard("x", ports=(ShardPort(80, "http/1.1", False, 8080),))
+    s = _shard("x", ports=(ShardPort(80, "http/1.1", False, 8080), ShardPort(81, "h2", True, passthrough=True)))
     assert parse_directory({"shards": [shard_to_dict(s)]}).shards[0] == s
 
 

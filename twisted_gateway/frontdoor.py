@@ -206,7 +206,7 @@ class FrontDoor(Protocol):
             self.outcome = "http"
             self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.gateway.proxy_site(result)))
             return
-        if protocol == "h2":
+        if protocol == "h2" and not (result.port.passthrough and b"h2" in hello.alpn):
             self.outcome = "http"
             self._start_tls(name, _HTTP_ALPN, self._h2_port_protocol(result))
             return
@@ -219,7 +219,9 @@ class FrontDoor(Protocol):
                 "private_port", f"port {result.port.port} of {result.shard.hostname_label} is private"),
                 alert=ch.ALERT_ACCESS_DENIED)
             return
-        self.outcome = "tcp"
+        # tcp ports, and h2 clients of public h2 ports marked passthrough: the decrypted
+        # stream goes to the shard's h2c listener as it is.
+        self.outcome = "tcp" if protocol == "tcp" else "http"
         preamble = b""
         if result.port.send_proxy:
             local = self.transport.getHost()
