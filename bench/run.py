@@ -14,7 +14,9 @@ to CPU 1; then runs each workload against the gateway and HAProxy in turn:
 - W2  a new connection and full TLS handshake per request (no resumption), W2r with session
       resumption: connections/s and proxy CPU microseconds per connection.
 - W3  1 GiB through a tcp route, upload and download (openssl s_client): MB/s.
-- W4  h2 GET 100 bytes, 10 clients x 10 streams (h2load) through an h2 route.
+- W4  h2 GET 100 bytes, 10 clients x 10 streams (h2load) through an h2 route, proxied request
+      by request (HAProxy: mode http, h2 to the h2c upstream); W4p through a passthrough h2
+      route (HAProxy: mode tcp).
 - idle and peak RSS of each proxy.
 
 Names resolve through a private /etc/hosts bound in a mount namespace (unshare), so load
@@ -47,6 +49,7 @@ from twisted_gateway.tls.localca import LocalCA  # noqa: E402
 
 HOSTNAME = "bench.test"
 NAMES = {"tcp": f"nginx-80.{HOSTNAME}", "http": f"web-8080.{HOSTNAME}", "h2": f"h2-8081.{HOSTNAME}",
+         "h2p": f"h2p-8082.{HOSTNAME}",
          "bulk_up": f"sink-9000.{HOSTNAME}", "bulk_down": f"source-9001.{HOSTNAME}"}
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -132,6 +135,9 @@ http {{
             {"id": "h", "task": "bench/h2", "hostname_label": "h2", "address": "127.0.0.1",
              "primary": True, "ports": [{"port": 8081, "protocol": "h2", "public": True,
                                          "upstream_port": self.nginx_h2c}]},
+            {"id": "hp", "task": "bench/h2p", "hostname_label": "h2p", "address": "127.0.0.1",
+             "primary": True, "ports": [{"port": 8082, "protocol": "h2", "public": True, "passthrough": True,
+                                         "upstream_port": self.nginx_h2c}]},
             {"id": "s", "task": "bench/sink", "hostname_label": "sink", "address": "127.0.0.1",
              "primary": True, "ports": [{"port": 9000, "protocol": "tcp", "public": True,
                                          "upstream_port": self.sink_port}]},
@@ -173,13 +179,14 @@ frontend tls_tcp
     mode tcp
     bind 127.0.0.1:{self.hp_tcp} ssl crt {self.combined} alpn h2,http/1.1
     use_backend nginx if {{ ssl_fc_sni -i {NAMES['tcp']} }}
-    use_backend h2c if {{ ssl_fc_sni -i {NAMES['h2']} }}
+    use_backend h2c if {{ ssl_fc_sni -i {NAMES['h2p']} }}
     use_backend sink if {{ ssl_fc_sni -i {NAMES['bulk_up']} }}
     use_backend source if {{ ssl_fc_sni -i {NAMES['bulk_down']} }}
 frontend tls_http
     mode http
     bind 127.0.0.1:{self.hp_http} ssl crt {self.combined} alpn h2,http/1.1
     use_backend web if {{ ssl_fc_sni -i {NAMES['http']} }}
+    use_backend h2proxy if {{ ssl_fc_sni -i {NAMES['h2']} }}
 backend nginx
     mode tcp
     server n 127.0.0.1:{self.nginx_port}
@@ -192,6 +199,10 @@ backend sink
 backend source
     mode tcp
     server s 127.0.0.1:{self.source_port}
+backend h2proxy
+    mode http
+    option forwardfor
+    server n 127.0.0.1:{self.nginx_h2c} proto h2
 backend web
     mode http
     http-reuse always
@@ -206,7 +217,7 @@ backend web
     def port_of(self, proxy: str, route: str) -> int:
         if proxy == "gateway":
             return self.gw_port
-        return self.hp_http if route == "http" else self.hp_tcp
+        return self.hp_http if route in ("http", "h2") else self.hp_tcp
 
     def pid_of(self, proxy: str) -> int:
         return self.gw.pid if proxy == "gateway" else self.hp.pid
@@ -267,9 +278,9 @@ backend web
         return {"value": size / doc["seconds"] / 1e6, "unit": "MB/s", "ops": size / 2**20, "wall": wall,
                 "loadgen_cpu": cpu}
 
-    def w4(self, proxy: str) -> dict:
-        port = self.port_of(proxy, "h2")
-        url = f"https://{NAMES['h2']}:{port}/100b"
+    def w4(self, proxy: str, route: str) -> dict:
+        port = self.port_of(proxy, route)
+        url = f"https://{NAMES[route]}:{port}/100b"
         out, wall, cpu = self.loadgen(["h2load", "-c", "10", "-m", "10", "-D", str(self.args.duration),
                                        url], self.args.duration + 60)
         rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
@@ -292,7 +303,8 @@ backend web
             ("W2r resumed handshake per connection", lambda p: self.w2(p, True), "higher"),
             (f"W3 upload {self.args.bulk_mib} MiB", lambda p: self.w3(p, "upload"), "higher"),
             (f"W3 download {self.args.bulk_mib} MiB", lambda p: self.w3(p, "download"), "higher"),
-            ("W4 h2 100 B, 10x10 streams", lambda p: self.w4(p), "higher"),
+            ("W4 h2 route, 100 B, 10x10 streams", lambda p: self.w4(p, "h2"), "higher"),
+            ("W4p h2 passthrough route, 100 B, 10x10 streams", lambda p: self.w4(p, "h2p"), "higher"),
         ]
         for title, fn, _ in workloads:
             if self.args.only and not any(title.startswith(o) for o in self.args.only):

@@ -326,7 +326,8 @@ class ShardConnection(_H2Peer):
 
     def _open_waiting(self) -> None:
         limit = self.h2.remote_settings.max_concurrent_streams
-        while self.waiting and self.h2.open_outbound_streams < limit:
+        # len(listeners), not h2's open_outbound_streams, which walks every stream each call.
+        while self.waiting and len(self.listeners) < limit:
             listener, headers, end_stream = self.waiting.popleft()
             stream_id = self.h2.get_next_available_stream_id()
             try:
