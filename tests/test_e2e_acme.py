@@ -221,3 +221,28 @@ def test_dns01_wildcard_through_rfc2136(start_gateway, pebble_factory, echo_upst
         assert gw.metric("gateway_certificate_not_after_timestamp_seconds", name="*.gw.test") > time.time()
     finally:
         knot.stop()
+
+
+def test_two_workers_issue_each_certificate_once_and_both_serve_it(start_gateway, pebble_factory,
+                                                                    echo_upstream, workdir):
+    tls_port, plain_port = _fixed_ports()
+    pebble = pebble_factory(http_port=plain_port, tls_port=tls_port)
+    config = _acme_config(pebble, challenge="http-01", names=["alpha-9000.localhost"],
+                          on_demand="directory", on_demand_wait=30)
+    gw = _start(start_gateway, [shard("a", "alpha", 9000, echo_upstream.port),
+                                shard("b", "beta", 9000, echo_upstream.port)],
+                tls_port, plain_port, config, workers=2)
+    # A configured name (issued by whichever worker holds the issuer lock; pebble's HTTP-01
+    # validation is answered by the supervisor from the shared challenge files) and an
+    # on-demand name (first asked for on any worker).
+    for name in ("alpha-9000.localhost", "beta-9000.localhost"):
+        wait_for(lambda: _issued(gw, name, pebble.root_pem(), workdir), timeout=60, what=f"{name} issued")
+    # Every worker serves both: the kernel spreads these connections over the two.
+    for _ in range(8):
+        assert _issued(gw, "alpha-9000.localhost", pebble.root_pem(), workdir)
+        assert _issued(gw, "beta-9000.localhost", pebble.root_pem(), workdir)
+    # The worker without the lock took both from the store the other one wrote.
+    gw.wait_logged("certificate for alpha-9000.localhost picked up from the store")
+    # One order per name for the whole gateway, not one per worker.
+    assert gw.metric("gateway_acme_issuances_total", challenge="http-01", outcome="success") == 2
+    assert gw.metric("gateway_workers") == 2

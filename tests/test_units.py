@@ -315,3 +315,46 @@ def test_h2_pipe_gives_back_the_window_of_what_it_drops():
     assert consumed == [11] and pipe.done
     pipe.push(b"late", 4)
     assert consumed == [11, 4]
+
+
+# -- ACME state shared by worker processes ---------------------------------------------------------
+
+def test_issuer_lock_is_held_by_one_holder_until_released(tmp_path):
+    from twisted_gateway.tls.acme.shared import IssuerLock
+    first, second = IssuerLock(str(tmp_path)), IssuerLock(str(tmp_path))
+    assert first.acquire() and first.held
+    assert not second.acquire() and not second.held
+    assert first.acquire()  # holding it is idempotent
+    first.release()
+    assert second.acquire()
+
+
+def test_challenge_board_lets_another_process_answer(tmp_path):
+    from OpenSSL import SSL
+
+    from twisted_gateway.tls.acme.responders import HTTP01Responder, TLSALPN01Responder
+    from twisted_gateway.tls.acme.shared import ChallengeBoard
+
+    class Challenge:
+        def encode(self, field):
+            return "tok-123"
+    issuer_http, other_http = HTTP01Responder(ChallengeBoard(str(tmp_path))), HTTP01Responder(ChallengeBoard(str(tmp_path)))
+    issuer_http.present("a.test", Challenge(), "tok-123.thumb", None)
+    assert other_http.answer("tok-123") == "tok-123.thumb"
+    assert other_http.answer("../../etc/passwd") is None
+    issuer_http.cleanup("a.test", Challenge(), "tok-123.thumb", None)
+    assert other_http.answer("tok-123") is None
+
+    issuer_alpn, other_alpn = TLSALPN01Responder(ChallengeBoard(str(tmp_path))), TLSALPN01Responder(ChallengeBoard(str(tmp_path)))
+    assert other_alpn.context_for("b.test") is None
+    issuer_alpn.present("b.test", None, "keyauth-1", None)
+    ctx = other_alpn.context_for("b.test")
+    assert isinstance(ctx, SSL.Context) and other_alpn.context_for("b.test") is ctx  # built once
+    issuer_alpn.cleanup("b.test", None, "keyauth-1", None)
+    assert other_alpn.context_for("b.test") is None
+
+    board = ChallengeBoard(str(tmp_path))
+    board.request("c-9000.test")
+    board.request("*.wild.test")
+    assert sorted(board.take_requests()) == ["*.wild.test", "c-9000.test"]
+    assert board.take_requests() == []

@@ -14,6 +14,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted_gateway import metrics, splice
 
 
+def answer_http01(responder: Any, request: Any, token: str) -> bytes:
+    """The key authorization for an HTTP-01 C{token}, or 404 (RFC 8555 8.3)."""
+    answer = responder.answer(token) if responder is not None else None
+    request.setHeader(b"content-type", b"text/plain")
+    if answer is None:
+        request.setResponseCode(404)
+        return b"no such challenge\n"
+    return answer.encode("ascii")
+
+
 class AdminApp:
     app = Klein()
 
@@ -23,12 +33,7 @@ class AdminApp:
 
     @app.route("/.well-known/acme-challenge/<string:token>", methods=["GET", "HEAD"])
     def acme_challenge(self, request: Any, token: str) -> bytes:
-        answer = self.http01.answer(token) if self.http01 is not None else None
-        request.setHeader(b"content-type", b"text/plain")
-        if answer is None:
-            request.setResponseCode(404)
-            return b"no such challenge\n"
-        return answer.encode("ascii")
+        return answer_http01(self.http01, request, token)
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Any) -> bytes:

@@ -365,8 +365,6 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
             raise ConfigError(source, "acme.dns_exec", "dns-01 through exec needs the command")
     if config.workers > 1 and os.name != "posix":
         raise ConfigError(source, "workers", "several worker processes need a POSIX system; use 1")
-    if acme.enabled and config.workers > 1:
-        raise ConfigError(source, "workers", "ACME certificates need workers: 1 (one process keeps them)")
     if acme.on_demand == "ask" and not acme.ask_url:
         raise ConfigError(source, "acme.ask_url", "on_demand: ask needs acme.ask_url")
     # Relative paths in the file are relative to the file's directory.

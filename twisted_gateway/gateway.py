@@ -36,6 +36,7 @@ from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFile
 from twisted_gateway.directory.model import Route
 from twisted_gateway.names import GatewayHost, ShardName, parse_name
 from twisted_gateway.tls.acme.responders import HTTP01Responder, TLSALPN01Responder
+from twisted_gateway.tls.acme.shared import ChallengeBoard
 from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
 
@@ -191,8 +192,11 @@ class Gateway:
         else:
             self.local_ca = LocalCA(config.state_dir)
             source = LocalCASource(self.local_ca, self.hostname)
-        self.http01 = HTTP01Responder()
-        self.tls_alpn = TLSALPN01Responder()
+        # With ACME on, challenge answers are also written to the state directory, so any
+        # worker process (and the supervisor's plain port) can answer the CA's validation.
+        board = ChallengeBoard(config.state_dir) if config.acme.enabled else None
+        self.http01 = HTTP01Responder(board)
+        self.tls_alpn = TLSALPN01Responder(board)
         self.acme: Any = None
         if config.acme.enabled:
             self.acme = self._make_acme(source)
@@ -229,6 +233,7 @@ class Gateway:
         from twisted_gateway.tls.acme.challenges import ExecResponder, RFC2136Responder
         from twisted_gateway.tls.acme.client import AcmeIssuer
         from twisted_gateway.tls.acme.manager import AcmeCertificateSource
+        from twisted_gateway.tls.acme.shared import IssuerLock
         from twisted_gateway.tls.acme.store import DiskCertificateStore
         acme = self.config.acme
         store = DiskCertificateStore(self.config.state_dir)
@@ -242,7 +247,8 @@ class Gateway:
                 acme.tsig_algorithm, propagation_timeout=acme.dns_propagation_timeout)
         issuer = AcmeIssuer(acme.ca_server, acme.email, acme.key_type, acme.ca_bundle, store, responders)
         return AcmeCertificateSource(self.reactor, issuer, store, fallback, acme, self.hostname,
-                                     self.name_is_routable)
+                                     self.name_is_routable, lock=IssuerLock(self.config.state_dir),
+                                     board=self.http01.board)
 
     def name_is_routable(self, name: str) -> bool:
         """Whether C{name} is the gateway's or resolves to a shard: the on-demand policy."""

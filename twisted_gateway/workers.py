@@ -26,6 +26,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from twisted_gateway import logs
+from twisted_gateway.admin import answer_http01
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.tls.files import ensure_private_dir
 
@@ -259,6 +260,11 @@ class SupervisorAdmin:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        self.http01 = None
+        if supervisor.config.acme.enabled:
+            from twisted_gateway.tls.acme.responders import HTTP01Responder
+            from twisted_gateway.tls.acme.shared import ChallengeBoard
+            self.http01 = HTTP01Responder(ChallengeBoard(supervisor.config.state_dir))
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Any) -> bytes:
@@ -293,10 +299,10 @@ class SupervisorAdmin:
             return (merge_metrics(texts) + own).encode()
         return self.supervisor.fetch_all("/metrics").addCallback(merge)
 
-    @app.route("/.well-known/acme-challenge/<string:token>", methods=["GET"])
+    @app.route("/.well-known/acme-challenge/<string:token>", methods=["GET", "HEAD"])
     def acme(self, request: Any, token: str) -> bytes:
-        request.setResponseCode(404)
-        return b"ACME runs with workers: 1\n"
+        # The worker that issues published the answer in the state directory.
+        return answer_http01(self.http01, request, token)
 
     def resource(self) -> Any:
         return self.app.resource()

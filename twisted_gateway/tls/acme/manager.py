@@ -7,6 +7,11 @@ resolves to a shard in the directory, or an ``ask`` URL says yes) before any ACM
 global rate limit and a per-name exponential backoff with jitter bound how often the CA is
 asked; certificates are stored and loaded at start, so a restart (or a crash loop) issues
 nothing while stored certificates are valid.
+
+With several worker processes (``--workers N``) each keeps every certificate, but only the one
+holding the L{IssuerLock} talks to the CA; the others follow the store on disk, answer
+challenges the issuer published on the L{ChallengeBoard}, and pass on-demand names that passed
+their policy to the issuer as requests.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ class AcmeCertificateSource(Service):
 
     def __init__(self, reactor: Any, issuer: AcmeIssuer, store: ICertificateStore,
                  fallback: ICertificateSource, config: Any, hostname: str,
-                 name_allowed: Callable[[str], bool], threadpool: Any = None) -> None:
+                 name_allowed: Callable[[str], bool], threadpool: Any = None,
+                 lock: Any = None, board: Any = None, sync_interval: float = 1.0) -> None:
         self.reactor = reactor
         self.issuer = issuer
         self.store = store
@@ -76,6 +82,19 @@ class AcmeCertificateSource(Service):
         self._bucket = TokenBucket(config.on_demand_rate, max(1.0, config.on_demand_rate), reactor.seconds)
         self._loop = LoopingCall(self.check)
         self._loop.clock = reactor
+        self.lock = lock
+        """An L{IssuerLock}: only its holder issues; None when this process is alone."""
+        self.board = board
+        self._store_stamp: Any = None
+        self._waiters: dict[str, list[Deferred]] = {}
+        self._sync = LoopingCall(self.sync_store)
+        self._sync.clock = reactor
+        self._sync_interval = sync_interval
+
+    @property
+    def issuing(self) -> bool:
+        """Whether this process is the one that talks to the CA."""
+        return self.lock is None or self.lock.acquire()
 
     # -- ICertificateSource -------------------------------------------------------------------
 
@@ -95,19 +114,26 @@ class AcmeCertificateSource(Service):
         return self.fallback.pair_for(name)
 
     def pending(self, name: str) -> Deferred | None:
-        """A Deferred that fires when an issuance covering C{name} ends, if one is running."""
+        """A Deferred that fires when an issuance covering C{name} ends, if one is running
+        here or was requested from the issuing process."""
         for names, d in self._in_flight.items():
             if name in names:
                 waiter: Deferred = Deferred()
                 d.addBoth(lambda result: (waiter.callback(None), result)[1])
                 return waiter
+        if name in self._waiters:
+            waiter = Deferred()
+            self._waiters[name].append(waiter)
+            return waiter
         return None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        for stored in self.store.load_all():
+        # Only the issuing process moves an unreadable certificate aside (another process
+        # may be between writing a certificate and its key).
+        for stored in self.store.load_all(quarantine=self.issuing):
             self._install(stored)
             self._managed.setdefault(stored.names, self._challenge_for(stored.names))
         if self.config.wildcard:
@@ -118,12 +144,39 @@ class AcmeCertificateSource(Service):
             # A stored certificate that no longer parses is replaced.
             if not any(names[0] == name for names in self._managed):
                 self._managed[(name,)] = self._challenge_for((name,))
+        self._store_stamp = self._stamp()
         self._loop.start(self.config.check_interval, now=True)
+        if self.lock is not None:
+            self._sync.start(self._sync_interval, now=False)
 
     def stopService(self) -> Any:
-        if self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._sync):
+            if loop.running:
+                loop.stop()
+        if self.lock is not None:
+            self.lock.release()  # another worker may take over at once
         return super().stopService()
+
+    # -- following the store (several processes) -------------------------------------------------
+
+    def _stamp(self) -> Any:
+        stamp = getattr(self.store, "stamp", None)
+        return stamp() if stamp is not None else None
+
+    def sync_store(self) -> None:
+        """Install what another process stored since the last look (cheap when nothing changed)."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._store_stamp:
+            return
+        self._store_stamp = stamp
+        for stored in self.store.load_all(quarantine=False):
+            current = self._certs.get(stored.names[0])
+            if current is None or current.pair.certificate != stored.pair.certificate:
+                self._install(stored)
+                self.log.info("certificate for {names} picked up from the store, valid until {not_after}",
+                              names=", ".join(stored.names),
+                              not_after=stored.pair.certificate.not_valid_after_utc.isoformat())
+            self._managed.setdefault(stored.names, self._challenge_for(stored.names))
 
     def _challenge_for(self, names: Names) -> str:
         return "dns-01" if any(n.startswith("*.") for n in names) else self.config.challenge
@@ -132,6 +185,15 @@ class AcmeCertificateSource(Service):
 
     def check(self) -> None:
         """Issue what is missing and renew what is due (respecting each name's backoff)."""
+        if not self.issuing:
+            return  # another process issues; sync_store picks up its certificates
+        if self.lock is not None:
+            self.sync_store()  # what a previous issuer stored
+        if self.board is not None:
+            for name in self.board.take_requests():
+                if (name,) not in self._managed and self._lookup(name) is None and \
+                        (self.config.on_demand == "ask" or self.name_allowed(name)):
+                    self._managed[(name,)] = self.config.challenge
         now = self.reactor.seconds()
         for names, challenge in list(self._managed.items()):
             if names in self._in_flight or now < self._next_attempt.get(names, 0):
@@ -168,7 +230,12 @@ class AcmeCertificateSource(Service):
             return
         metrics.ACME_ON_DEMAND.labels(decision="allowed").inc()
         self._managed[(name,)] = self.config.challenge
-        self._issue((name,), self.config.challenge, "on_demand")
+        if self.issuing:
+            self._issue((name,), self.config.challenge, "on_demand")
+        elif self.board is not None:
+            # The issuing process takes it from here; this one waits for the store.
+            self.board.request(name)
+            self._waiters.setdefault(name, [])
 
     def _ask(self, name: str) -> None:
         import treq
@@ -247,6 +314,8 @@ class AcmeCertificateSource(Service):
         for name in stored.names:
             self._certs[name] = stored
             metrics.CERTIFICATE_NOT_AFTER.labels(name=name).set(stored.not_after)
+            for waiter in self._waiters.pop(name, []):
+                waiter.callback(None)
         lifetime = stored.not_after - stored.not_before
         # The CA's suggested window (ARI, RFC 9773) wins when offered; else a fixed fraction.
         self._renew_at[stored.names] = ari if ari is not None else \

@@ -61,17 +61,28 @@ class HTTP01Responder:
 
     challenge_type = "http-01"
 
-    def __init__(self) -> None:
+    def __init__(self, board: Any = None) -> None:
         self.tokens: dict[str, str] = {}
+        self.board = board
+        """A L{ChallengeBoard} shared with the other local processes, or None."""
 
     def present(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
-        self.tokens[challenge.encode("token")] = key_authorization
+        token = challenge.encode("token")
+        self.tokens[token] = key_authorization
+        if self.board is not None:
+            self.board.publish("http-01", token, key_authorization)
 
     def cleanup(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
-        self.tokens.pop(challenge.encode("token"), None)
+        token = challenge.encode("token")
+        self.tokens.pop(token, None)
+        if self.board is not None:
+            self.board.withdraw("http-01", token)
 
     def answer(self, token: str) -> str | None:
-        return self.tokens.get(token)
+        found = self.tokens.get(token)
+        if found is None and self.board is not None:
+            found = self.board.read("http-01", token)
+        return found
 
 
 @implementer(IResponder)
@@ -80,10 +91,18 @@ class TLSALPN01Responder:
 
     challenge_type = "tls-alpn-01"
 
-    def __init__(self) -> None:
+    def __init__(self, board: Any = None) -> None:
         self.contexts: dict[str, SSL.Context] = {}
+        self.board = board
+        """A L{ChallengeBoard} shared with the other local processes, or None."""
+        self._from_board: dict[str, tuple[str, SSL.Context]] = {}
 
     def present(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
+        self.contexts[name] = self._context(name, key_authorization)
+        if self.board is not None:
+            self.board.publish("tls-alpn-01", name, key_authorization)
+
+    def _context(self, name: str, key_authorization: str) -> SSL.Context:
         cert, key = tls_alpn_certificate(name, key_authorization)
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -93,10 +112,25 @@ class TLSALPN01Responder:
         def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
             return ACME_TLS_ALPN if ACME_TLS_ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
         ctx.set_alpn_select_callback(select)
-        self.contexts[name] = ctx
+        return ctx
 
     def cleanup(self, name: str, challenge: Any, key_authorization: str, validation: Any) -> None:
         self.contexts.pop(name, None)
+        if self.board is not None:
+            self.board.withdraw("tls-alpn-01", name)
 
     def context_for(self, name: str) -> SSL.Context | None:
-        return self.contexts.get(name)
+        """The validation context for C{name}: ours, or one another local process published
+        (read only for connections offering acme-tls/1, which are rare)."""
+        ctx = self.contexts.get(name)
+        if ctx is not None or self.board is None:
+            return ctx
+        key_authorization = self.board.read("tls-alpn-01", name)
+        if key_authorization is None:
+            self._from_board.pop(name, None)
+            return None
+        cached = self._from_board.get(name)
+        if cached is None or cached[0] != key_authorization:
+            cached = (key_authorization, self._context(name, key_authorization))
+            self._from_board[name] = cached
+        return cached[1]

@@ -39,8 +39,9 @@ class StoredCertificate:
 
 
 class ICertificateStore(Interface):
-    def load_all() -> list[StoredCertificate]:
-        """Every readable stored certificate."""
+    def load_all(quarantine: bool = True) -> list[StoredCertificate]:
+        """Every readable stored certificate; with C{quarantine}, unreadable ones are moved
+        aside so that they are issued again."""
 
     def save(names: tuple[str, ...], chain_pem: bytes, key_pem: bytes) -> StoredCertificate:
         """Store a certificate for C{names} (the first is its file name)."""
@@ -79,7 +80,23 @@ class DiskCertificateStore:
         stem = os.path.join(self.cert_dir, file_stem(name))
         return stem + ".pem", stem + ".key"
 
-    def load_all(self) -> list[StoredCertificate]:
+    def stamp(self) -> tuple:
+        """Changes whenever a stored certificate or key is written (for processes that follow)."""
+        out = []
+        for entry in sorted(os.listdir(self.cert_dir)):
+            if entry.endswith((".pem", ".key")):
+                try:
+                    out.append((entry, os.stat(os.path.join(self.cert_dir, entry)).st_mtime_ns))
+                except FileNotFoundError:
+                    pass
+        return tuple(out)
+
+    def load_all(self, quarantine: bool = True) -> list[StoredCertificate]:
+        """
+        Every stored certificate.  With C{quarantine}, one that does not load is moved aside to
+        be replaced; a process that only follows the store passes False, because what it sees
+        may be a certificate and key caught between the issuer's two writes.
+        """
         out = []
         for entry in sorted(os.listdir(self.cert_dir)):
             if not entry.endswith(".pem"):
@@ -89,6 +106,8 @@ class DiskCertificateStore:
             try:
                 pair = load_pair(cert_path, key_path)
             except CertificateError as e:
+                if not quarantine:
+                    continue
                 self.log.error("stored certificate {path} is unusable and will be replaced: {error}",
                                path=cert_path, error=str(e))
                 self.corrupted.append(entry[:-4].replace("_wildcard", "*"))
