@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
+from twisted_gateway.fastwrite import write_now
 
 _ACTIVE: set[Splice] = set()
 _SOCKET_BUFFER = 256 * 1024
@@ -204,14 +205,14 @@ class Splice:
         if self.upstream_transport is None:
             self._pending.append(data)
         else:
-            self.upstream_transport.write(data)
+            write_now(self.upstream_transport, data)
 
     def from_upstream(self, data: bytes) -> None:
         self.bytes_down += len(data)
         if self.client_transport is None:
             self._pending_down.append(data)
         else:
-            self.client_transport.write(data)
+            write_now(self.client_transport, data)
 
     # -- end of stream -------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
+
+from twisted_gateway.fastwrite import write_now
 from zope.interface import implementer
 
 # One TLS record carries at most 16 KiB of plaintext; SSL_read returns one record per call.
@@ -177,7 +179,7 @@ class TLSServerConnection:
         if self._sized:
             waiting = _mem_data(self._out_bio, _POINTER)  # type: ignore[misc]
             if waiting:
-                self.transport.write(self._conn.bio_read(waiting))
+                write_now(self.transport, self._conn.bio_read(waiting))
             return
         bio_read = self._conn.bio_read
         out = []
@@ -187,7 +189,7 @@ class TLSServerConnection:
             except SSL.WantReadError:
                 break
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     # -- ITransport for the application protocol -----------------------------------------
 
