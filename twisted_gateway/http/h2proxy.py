@@ -42,6 +42,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from twisted_gateway import metrics
+from twisted_gateway.fastwrite import write_now
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.errors import negotiate, render_error
 from twisted_gateway.http.policy import (
@@ -80,7 +81,7 @@ class _H2Peer(Protocol):
         if self.transport is not None:
             data = self.h2.data_to_send()
             if data:
-                self.transport.write(data)
+                write_now(self.transport, data)
 
     def flush_both(self) -> None:
         self.flush()

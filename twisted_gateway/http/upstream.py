@@ -20,6 +20,8 @@ from twisted.web._newclient import ResponseDone, ResponseFailed, ResponseNeverRe
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from twisted_gateway.fastwrite import write_now
+
 MAX_HEAD = 64 * 1024
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -68,9 +70,9 @@ class _ChunkedBodyWriter:
         if not data:
             return
         if self.chunked:
-            self.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+            write_now(self.transport, b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
@@ -112,7 +114,7 @@ class _UpstreamConnection(Protocol):
         self._method = method
         self._state = "head"
         self._response_d = Deferred(lambda d: self.abort())
-        self.transport.write(head)
+        write_now(self.transport, head)
         if body is not None:
             writer = _ChunkedBodyWriter(self.transport, body.length is UNKNOWN_LENGTH)
             self._body_pending = True
@@ -125,7 +127,7 @@ class _UpstreamConnection(Protocol):
                     return
                 self.transport.unregisterProducer()
                 if writer.chunked:
-                    self.transport.write(b"0\r\n\r\n")
+                    write_now(self.transport, b"0\r\n\r\n")
             finished.addCallbacks(body_done, lambda f: self.abort())
         return self._response_d
 
