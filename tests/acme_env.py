@@ -12,7 +12,7 @@ import subprocess
 import threading
 import urllib.request
 
-from support import free_port, wait_for_listener, which
+from support import free_port, stop_process, wait_for_listener, which
 
 from twisted_gateway.tls.localca import LocalCA
 
@@ -82,12 +82,7 @@ class Pebble:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         if self.dns is not None:
             self.dns.stop()
 
@@ -155,9 +150,4 @@ ns A 127.0.0.1
         wait_for_listener(self.port, "knotd", self.proc)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)

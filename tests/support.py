@@ -322,6 +322,18 @@ def http_handler(conn: socket.socket) -> None:
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate a helper process, killing it if it does not exit within C{timeout}."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def which(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:

@@ -247,9 +247,5 @@ class Nghttpd:
         wait_for_listener(self.port, "nghttpd", self.proc)
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        from support import stop_process
+        stop_process(self.proc, 5)

@@ -963,7 +963,8 @@ class _UpstreamStream:
         self.paused = False
         self.body_paused = False
         self.complete = False
-        self.gone = False
+        self.broken: Failure | None = None
+        """Why the stream failed after its response began, while no receiver was attached."""
         self.body_done = body is None
 
     # The body producer writes here (IConsumer).
@@ -1027,6 +1028,8 @@ class _UpstreamStream:
             receiver.dataReceived(chunk)
         if self.complete:
             self._finish(Failure(ResponseDone()))
+        elif self.broken is not None:
+            self._finish(Failure(ResponseFailed([self.broken])))
 
     def data(self, data: bytes, flow_length: int) -> None:
         if self.receiver is None:
@@ -1063,7 +1066,7 @@ class _UpstreamStream:
         elif self.receiver is not None:
             self._finish(Failure(ResponseFailed([failure])))
         else:
-            self.gone = True
+            self.broken = failure
 
     def _finish(self, reason: Failure) -> None:
         receiver, self.receiver = self.receiver, None
