@@ -875,7 +875,7 @@ class H2FrontConnection(_H2Peer):
                 "access {client} {method} {path} -> {status} shard={shard} port={port} "
                 "bytes={bytes} duration={duration:.3f}",
                 event_kind="http_access", client=self._client_ip(), method=exchange.method.decode("latin-1"),
-                path=exchange.path.decode("latin-1"), status=exchange.status or outcome,
+                path=exchange.path.split(b"?", 1)[0].decode("latin-1"), status=exchange.status or outcome,
                 shard=self.route.shard.id, port=self.route.port.port, bytes=exchange.sent,
                 duration=time.monotonic() - exchange.started)
         if not self.exchanges:
