@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from twisted_gateway import __version__
+from twisted_gateway import version
 from twisted_gateway.config import ConfigError, GatewayConfig, load_config
 from twisted_gateway.http.auth import verifier_from_config
 
@@ -92,7 +92,7 @@ class Options(usage.Options):
 
     def opt_version(self) -> None:
         """Show the version and exit."""
-        print(f"twisted-gateway {__version__}")
+        print(f"twisted-gateway {version()}")
         sys.exit(0)
 
     def postOptions(self) -> None:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.logger import Logger
 
-from twisted_gateway import __version__
+from twisted_gateway import version
 from twisted_gateway.tls.acme.challenges import IResponder
 from twisted_gateway.tls.acme.store import ICertificateStore
 
@@ -73,7 +73,7 @@ class AcmeIssuer:
             return self._client
         jwk = self._account_jwk()
         alg = jose.ES256 if isinstance(jwk, jose.JWKEC) else jose.RS256
-        net = acme_client.ClientNetwork(jwk, alg=alg, user_agent=f"twisted-gateway/{__version__}")
+        net = acme_client.ClientNetwork(jwk, alg=alg, user_agent=f"twisted-gateway/{version()}")
         # The library passes verify=net.verify_ssl on every request; requests takes a bundle path.
         net.verify_ssl = self.ca_bundle or True  # type: ignore[assignment]
         directory = acme_client.ClientV2.get_directory(self.directory_url, net)
