@@ -158,7 +158,8 @@ http {{
                             "limits": {"max_connections_per_ip": 0, "max_connections": 0},
                             "log": {"level": "warn", "access_log": False}}, f)
         env = dict(os.environ, PYTHONPATH=REPO)
-        self.gw = self.spawn([twistd(), "-n", "--pidfile=", "gateway", "--workers", "1", "--config", config], 0,
+        reactor = [] if self.args.reactor == "epoll" else ["-r", self.args.reactor]
+        self.gw = self.spawn([twistd(), "-n", "--pidfile=", *reactor, "gateway", "--workers", "1", "--config", config], 0,
                              env=env, stdout=open(os.path.join(self.dir, "gateway.log"), "w"),
                              stderr=subprocess.STDOUT)
         wait_ready(self.gw_admin)
@@ -341,7 +342,8 @@ backend web
         lines = [
             f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} CPUs "
             f"({_cpu_model()}); proxies pinned to CPU 0, load generators and upstreams to CPU 1.",
-            f"Versions: Python {versions['python']}; {versions['haproxy']}; {versions['openssl']}.",
+            f"Versions: Python {versions['python']}; {versions['haproxy']}; {versions['openssl']}. "
+            f"Gateway reactor: {self.args.reactor}.",
             "",
             "| workload | gateway | HAProxy | ratio | gateway CPU µs/op | HAProxy CPU µs/op | notes |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -401,6 +403,8 @@ def main() -> None:
     parser.add_argument("--bulk-mib", type=int, default=1024, help="MiB moved each way in W3")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.md"))
     parser.add_argument("--only", action="append", help="run only workloads whose title starts with this (e.g. W1)")
+    parser.add_argument("--reactor", choices=("epoll", "asyncio", "uvloop"), default="epoll",
+                        help="the gateway's reactor (uvloop needs: pip install uvloop)")
     parser.add_argument("--profile", help="record py-spy profiles of the gateway (raw stacks) into this folder")
     args = parser.parse_args()
     for tool in ("haproxy", "nginx", "wrk", "h2load", "taskset", "unshare", "openssl"):

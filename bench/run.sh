@@ -13,5 +13,5 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends haproxy nginx-light wrk nghttp2-client util-linux openssl
 fi
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore . py-spy
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore . py-spy uvloop
 exec python3 bench/run.py "$@"

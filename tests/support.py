@@ -101,7 +101,7 @@ class Gateway:
     def __init__(self, workdir: str, shards: list[dict] | None = None, args: list[str] | None = None,
                  config: dict | None = None, demo: bool = False, wait_ready: bool = True,
                  workers: int = 1, command: list[str] | None = None, cwd: str | None = None,
-                 start_timeout: float = 20) -> None:
+                 start_timeout: float = 20, reactor: str | None = None) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.directory_path = os.path.join(workdir, "shards.yaml")
@@ -109,7 +109,8 @@ class Gateway:
         self._lines: queue.Queue[str] = queue.Queue()
         if shards is not None:
             self.write_directory(shards)
-        cmd = (command or [twistd_command(), "-n", "--pidfile=", "gateway"]) + [
+        reactor_option = ["-r", reactor] if reactor else []
+        cmd = (command or [twistd_command(), "-n", "--pidfile=", *reactor_option, "gateway"]) + [
                "--log-format", "json", "--log-level", "debug",
                "--tls-port", "tcp:0:interface=127.0.0.1",
                "--plain-port", "tcp:0:interface=127.0.0.1",

@@ -407,3 +407,24 @@ def test_workers_share_the_listener_restart_and_drain(start_gateway, echo_upstre
     for pid in workers():
         os.kill(pid, signal.SIGTERM)
     assert gw.proc.wait(40) == 0
+
+
+def test_uvloop_reactor_reaches_every_worker(start_gateway, echo_upstream):
+    pytest.importorskip("uvloop")
+    gw = start_gateway([shard("e", "echo", 9000, echo_upstream.port)], workers=2, reactor="uvloop")
+
+    def worker_commands() -> list[str]:
+        out = subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True)
+        commands = []
+        for pid in out.stdout.split():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    commands.append(f.read().replace(b"\0", b" ").decode())
+            except FileNotFoundError:
+                pass
+        return commands
+    wait_for(lambda: len(worker_commands()) == 2, timeout=20, what="two workers")
+    assert all(" -r uvloop " in command for command in worker_commands())
+    gw.wait_logged("reactor class: twisted.internet.asyncioreactor.AsyncioSelectorReactor")
+    for _ in range(20):
+        assert _echo_ok(gw)

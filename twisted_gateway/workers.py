@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from twisted_gateway import logs
 from twisted_gateway.admin import answer_http01
+from twisted_gateway.reactors import reactor_args
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.tls.files import ensure_private_dir
 
@@ -155,7 +156,7 @@ class Supervisor(Service):
         if os.path.exists(sock_path):
             os.unlink(sock_path)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        args = [twistd, "-n", "--pidfile=", "gateway", *self.argv,
+        args = [twistd, "-n", "--pidfile=", *reactor_args(self.reactor), "gateway", *self.argv,
                 "--workers", "1",
                 "--tls-port", f"systemd:domain={self.family}:name=tls",
                 "--plain-port", f"unix:{sock_path}:mode=600"]

@@ -6,3 +6,8 @@ gateway = ServiceMaker(
     "TLS/SNI gateway routing <label>-<port>.<hostname> to shard containers",
     "gateway",
 )
+
+from twisted.application.reactors import Reactor  # noqa: E402
+
+uvloop = Reactor("uvloop", "twisted_gateway.reactors",
+                 "asyncio reactor on a uvloop event loop (pip install uvloop)")
