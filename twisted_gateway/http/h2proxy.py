@@ -38,13 +38,13 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from twisted_gateway import metrics
 from twisted_gateway.fastwrite import write_now
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.errors import negotiate, render_error
+from twisted_gateway.http.upstream import RawHeaders
 from twisted_gateway.http.policy import (
     Answer, auth_redirect, forwarding_headers, rate_limit_wait, refusal, request_token, strip_cookie,
 )
@@ -934,7 +934,7 @@ class H2PortProtocol(Protocol):
 class _UpstreamResponse:
     """What the HTTP/1.1 route needs of a response (as L{twisted_gateway.http.upstream} gives)."""
 
-    def __init__(self, stream: _UpstreamStream, code: int, headers: Headers, length: Any) -> None:
+    def __init__(self, stream: _UpstreamStream, code: int, headers: RawHeaders, length: Any) -> None:
         self._stream = stream
         self.code = code
         self.phrase = b""
@@ -1005,7 +1005,7 @@ class _UpstreamStream:
 
     def response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         code = 502
-        out = Headers()
+        out = RawHeaders()
         length: Any = UNKNOWN_LENGTH
         for name, value in headers:
             if name == b":status":
@@ -1114,18 +1114,21 @@ class H2Upstream:
         self.connect_timeout = connect_timeout
         self.shard: ShardConnection | None = None
 
-    def request(self, address: str, port: int, method: bytes, path: bytes, headers: Headers,
-                body: Any = None) -> Deferred:
+    def request(self, address: str, port: int, method: bytes, path: bytes,
+                headers: list[tuple[bytes, bytes]], body: Any = None) -> Deferred:
         shard = self.shard
         if shard is None or not shard.usable:
             shard = self.shard = ShardConnection(self.reactor, address, port, self.connect_timeout, self._lost)
-        out = [(b":method", method), (b":scheme", b"https"),
-               (b":authority", (headers.getRawHeaders(b"host") or [b""])[0]), (b":path", path)]
-        for name, values in headers.getAllRawHeaders():
+        authority = b""
+        fields = []
+        for name, value in headers:
             lname = name.lower()
-            if lname in (b"host", b"content-length", b"transfer-encoding"):
-                continue
-            out.extend((lname, v) for v in values)
+            if lname == b"host":
+                authority = authority or value
+            elif lname not in (b"content-length", b"transfer-encoding"):
+                fields.append((lname, value))
+        out = [(b":method", method), (b":scheme", b"https"), (b":authority", authority), (b":path", path)]
+        out += fields
         if body is not None and body.length is not UNKNOWN_LENGTH:
             out.append((b"content-length", str(body.length).encode()))
         stream = _UpstreamStream(shard, body)

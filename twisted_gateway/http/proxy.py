@@ -48,7 +48,11 @@ from twisted_gateway.splice import Splice
 _BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
-def _hop_by_hop(headers: Headers) -> set[bytes]:
+# Replaced by the gateway's own values (http/policy.py, forwarding_headers).
+_REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+
+def _hop_by_hop(headers: Any) -> set[bytes]:
     names = set(HOP_BY_HOP)
     for value in headers.getRawHeaders(b"connection", []):
         names.update(v.strip().lower() for v in value.split(b",") if v.strip())
@@ -251,31 +255,33 @@ class ProxyResource(Resource):
 
     # -- forwarding -------------------------------------------------------------------------------
 
-    def _upstream_headers(self, request: Any) -> Headers:
+    def _upstream_headers(self, request: Any) -> list[tuple[bytes, bytes]]:
+        """The request's fields for the shard, as name/value pairs: hop-by-hop fields, Expect
+        and (on private ports) the token removed, the forwarding fields replaced."""
         incoming: Headers = request.requestHeaders
-        drop = _hop_by_hop(incoming)
+        drop = _hop_by_hop(incoming) | _REPLACED
         # The gateway has read the whole body already (it answered any 100-continue itself).
         drop.add(b"expect")
         if not self.route.port.public:
             drop.add(b"authorization")
-        out = Headers()
+        out: list[tuple[bytes, bytes]] = []
+        has_host = False
         for name, values in incoming.getAllRawHeaders():
             lname = name.lower()
             if lname in drop:
                 continue
             if lname == b"cookie":
                 values = [v for v in (strip_cookie(v, self.ctx.cookie_name) for v in values) if v]
-                if not values:
-                    continue
-            out.setRawHeaders(name, values)
+            elif lname == b"host":
+                has_host = True
+            out.extend((name, value) for value in values)
         client = request.getClientAddress()
         client_ip = getattr(client, "host", "unknown")
         host = request.getHeader(b"host") or request.getRequestHostname()
-        for name, value in forwarding_headers(incoming.getRawHeaders(b"x-forwarded-for", []),
-                                              incoming.getRawHeaders(b"forwarded", []), client_ip, host):
-            out.setRawHeaders(name, [value])
-        if not out.hasHeader(b"host"):
-            out.setRawHeaders(b"host", [host])
+        out += forwarding_headers(incoming.getRawHeaders(b"x-forwarded-for", []),
+                                  incoming.getRawHeaders(b"forwarded", []), client_ip, host)
+        if not has_host:
+            out.append((b"Host", host))
         return out
 
     def _forward(self, request: Any, body: Any = None) -> Any:
@@ -388,11 +394,10 @@ class ProxyResource(Resource):
         """Replay the upgrade request to the shard and turn the connection into a splice."""
         headers = self._upstream_headers(request)
         # Keep the upgrade negotiation itself.
-        headers.setRawHeaders(b"connection", [b"Upgrade"])
-        headers.setRawHeaders(b"upgrade", request.requestHeaders.getRawHeaders(b"upgrade"))
+        headers.append((b"Connection", b"Upgrade"))
+        headers.extend((b"Upgrade", v) for v in request.requestHeaders.getRawHeaders(b"upgrade", []))
         head = [request.method + b" " + request.uri + b" HTTP/1.1"]
-        for name, values in headers.getAllRawHeaders():
-            head.extend(name + b": " + v for v in values)
+        head.extend(name + b": " + value for name, value in headers)
         preamble = b"\r\n".join(head) + b"\r\n\r\n"
         request.content.seek(0)
         preamble += request.content.read()

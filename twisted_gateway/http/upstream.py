@@ -17,7 +17,6 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._newclient import ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from twisted_gateway.fastwrite import write_now
@@ -26,10 +25,40 @@ MAX_HEAD = 64 * 1024
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
+class RawHeaders:
+    """
+    Response header fields as the shard sent them, by lowercase name: the part of twisted.web's
+    C{Headers} the proxy reads, without its per-call name encoding and sanitizing (values are
+    sanitized where they are written, by twisted.web's response headers).
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self) -> None:
+        self._fields: dict[bytes, list[bytes]] = {}
+
+    def addRawHeader(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        values = self._fields.get(name)
+        if values is None:
+            self._fields[name] = [value]
+        else:
+            values.append(value)
+
+    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
+        return self._fields.get(name.lower(), default)
+
+    def hasHeader(self, name: bytes) -> bool:
+        return name.lower() in self._fields
+
+    def getAllRawHeaders(self) -> Any:
+        return self._fields.items()
+
+
 class UpstreamResponse:
     """What the proxy needs of a response (the subset of Agent's IResponse it uses)."""
 
-    def __init__(self, conn: _UpstreamConnection, code: int, phrase: bytes, headers: Headers,
+    def __init__(self, conn: _UpstreamConnection, code: int, phrase: bytes, headers: RawHeaders,
                  length: Any) -> None:
         self._conn = conn
         self.code = code
@@ -163,7 +192,7 @@ class _UpstreamConnection(Protocol):
             self._fail(ResponseFailed([Failure(ValueError(f"bad status line {lines[0][:80]!r}"))]))
             return False
         phrase = parts[2] if len(parts) > 2 else b""
-        headers = Headers()
+        headers = RawHeaders()
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if not sep or not name or name != name.strip():
@@ -304,11 +333,11 @@ class UpstreamPool:
         self.max_idle = max_idle
         self._idle: dict[tuple[str, int], list[_UpstreamConnection]] = {}
 
-    def request(self, address: str, port: int, method: bytes, path: bytes, headers: Headers,
-                body: Any = None) -> Deferred:
+    def request(self, address: str, port: int, method: bytes, path: bytes,
+                headers: list[tuple[bytes, bytes]], body: Any = None) -> Deferred:
+        """Send a request (C{headers}: the fields to send, as name/value pairs) to the shard."""
         head = [method + b" " + path + b" HTTP/1.1"]
-        for name, values in headers.getAllRawHeaders():
-            head.extend(name + b": " + v for v in values)
+        head.extend(name + b": " + value for name, value in headers)
         if body is not None:
             if body.length is UNKNOWN_LENGTH:
                 head.append(b"Transfer-Encoding: chunked")
@@ -387,4 +416,4 @@ class UpstreamPool:
             idle.remove(conn)
 
 
-__all__ = ["UpstreamPool", "UpstreamResponse"]
+__all__ = ["RawHeaders", "UpstreamPool", "UpstreamResponse"]

@@ -252,7 +252,11 @@ class TLSServerConnection:
         protocol.makeConnection(self)
 
     def getPeer(self) -> Any:
-        return self.peer or self.transport.getPeer()
+        # Asked once per HTTP request by twisted.web; the TCP transport makes a system call
+        # and a new address object each time, so keep the first answer.
+        if self.peer is None:
+            self.peer = self.transport.getPeer()
+        return self.peer
 
     def getHost(self) -> Any:
         return self.transport.getHost()
