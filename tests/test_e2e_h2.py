@@ -205,3 +205,19 @@ def test_h2_client_that_stops_reading_holds_the_gateway_to_its_windows(h2_gatewa
                         ended = True
                 tls.sendall(conn.data_to_send())
     assert total == BIG
+
+
+def test_a_cancelled_call_is_reset_at_the_shard(h2_gateway, servers):
+    """The client's RST_STREAM reaches the shard: a long server stream stops there too."""
+    rpc, _ = servers
+    with channel(h2_gateway, "rpc-50051.localhost") as ch:
+        call = ch.unary_stream("/test.Echo/Stream")(b"100000x65536", timeout=60)
+        for _ in range(3):
+            next(call)
+        call.cancel()
+        wait_for(lambda: rpc.cut_short, timeout=10, what="the shard's stream ended early")
+        # Flow control held the shard back: it got only windows ahead of what the client read
+        # (the client's own window, the gateway's 256 KiB, socket buffers), not the whole stream.
+        assert rpc.cut_short[0] < 2000
+        # The connection carries on.
+        assert ch.unary_unary("/test.Echo/Unary")(b"next", timeout=10) == b"echo:next"

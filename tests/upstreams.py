@@ -183,6 +183,7 @@ class GrpcEchoServer:
 
         import grpc
         self.metadata: list[dict] = []
+        self.cut_short: list[int] = []  # server streams that ended early: messages sent
         outer = self
 
         def record(context) -> None:
@@ -202,8 +203,14 @@ class GrpcEchoServer:
 
         def stream(request: bytes, context):
             count, size = (int(x) for x in request.decode().split("x"))
-            for i in range(count):
-                yield bytes([i % 256]) * size
+            sent = 0
+            try:
+                for i in range(count):
+                    yield bytes([i % 256]) * size
+                    sent += 1
+            finally:
+                if sent < count:
+                    outer.cut_short.append(sent)
 
         def upload(requests, context) -> bytes:
             digest = hashlib.sha256()
