@@ -21,7 +21,7 @@ import pytest
 
 from support import free_port, shard, wait_for
 from test_e2e_http import SECRET, curl, token
-from upstreams import GrpcEchoServer, Nghttpd
+from upstreams import GrpcEchoServer, H2CServer, Nghttpd
 
 grpc = pytest.importorskip("grpc")
 
@@ -221,3 +221,33 @@ def test_a_cancelled_call_is_reset_at_the_shard(h2_gateway, servers):
         assert rpc.cut_short[0] < 2000
         # The connection carries on.
         assert ch.unary_unary("/test.Echo/Unary")(b"next", timeout=10) == b"echo:next"
+
+
+@pytest.mark.parametrize("version", ["--http2", "--http1.1"])
+def test_a_request_the_shard_never_processed_is_sent_again(start_gateway, version):
+    """A shard that answers GOAWAY (last stream 0) to a new stream, as a server restarting or
+    at gRPC's maximum connection age does: the gateway sends the request again on a new
+    connection instead of failing it."""
+    up = H2CServer(goaway_first=True)
+    try:
+        gw = start_gateway([shard("g1", "grpc", 50051, up.port, protocol="h2")])
+        status, _, body = curl(gw, "grpc-50051.localhost", "/again", version)
+        assert status == 200 and body.startswith(b"h2 upstream answered /again")
+        assert up.connections == 2
+        assert gw.metric("gateway_upstream_replays_total") == 1
+        if version == "--http2":
+            # With a body that fits the replay copy: sent again whole, acknowledged once.
+            up.connections, up.goaway_first = 0, True
+            gw.stop()
+            gw = start_gateway([shard("g1", "grpc", 50051, up.port, protocol="h2")])
+            payload = os.urandom(40000)
+            path = os.path.join(gw.workdir, "payload.bin")
+            with open(path, "wb") as f:
+                f.write(payload)
+            status, _, body = curl(gw, "grpc-50051.localhost", "/post", version, "--data-binary", f"@{path}")
+            assert status == 200, body
+            assert body.startswith(f"h2 upstream answered /post (40000 bytes, sha256 "
+                                   f"{hashlib.sha256(payload).hexdigest()})".encode())
+            assert gw.metric("gateway_upstream_replays_total") == 1
+    finally:
+        up.close()

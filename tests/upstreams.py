@@ -10,6 +10,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from typing import Any
+
 import h2.config
 import h2.connection
 import h2.events
@@ -113,9 +115,13 @@ class RecordingHTTPServer:
 
 class H2CServer:
     """An h2c (prior knowledge) server answering every request with a body and trailers, the
-    shape of a gRPC response."""
+    shape of a gRPC response.  With C{goaway_first}, its first connection answers its first
+    request with GOAWAY (last stream 0: nothing processed) and closes, as a server shutting
+    down or reaching its maximum connection age does."""
 
-    def __init__(self) -> None:
+    def __init__(self, goaway_first: bool = False) -> None:
+        self.goaway_first = goaway_first
+        self.connections = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -134,18 +140,32 @@ class H2CServer:
         h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         h2conn.initiate_connection()
         conn.sendall(h2conn.data_to_send())
+        self.connections += 1
+        refuse = self.goaway_first and self.connections == 1
         paths: dict[int, str] = {}
+        received: dict[int, int] = {}
+        digests: dict[int, Any] = {}
         try:
             while True:
                 data = conn.recv(65536)
                 if not data:
                     return
                 for event in h2conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived) and refuse:
+                        h2conn.close_connection(last_stream_id=0)
+                        conn.sendall(h2conn.data_to_send())
+                        return
                     if isinstance(event, h2.events.RequestReceived):
                         paths[event.stream_id] = dict(event.headers).get(b":path", b"").decode()
+                    if isinstance(event, h2.events.DataReceived):
+                        received[event.stream_id] = received.get(event.stream_id, 0) + len(event.data)
+                        digests.setdefault(event.stream_id, hashlib.sha256()).update(event.data)
+                        h2conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                     if isinstance(event, (h2.events.StreamEnded,)):
                         sid = event.stream_id
                         body = f"h2 upstream answered {paths.get(sid)}".encode()
+                        if sid in received:
+                            body += f" ({received[sid]} bytes, sha256 {digests[sid].hexdigest()})".encode()
                         h2conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
                         h2conn.send_data(sid, body)
                         h2conn.send_headers(sid, [("grpc-status", "0"), ("grpc-message", "ok")], end_stream=True)

@@ -128,6 +128,11 @@ def count_request(route: str, code: int, method: bytes | str) -> None:
     HTTP_REQUESTS.labels(route=route, code_class=f"{code // 100}xx",
                          method=m if m in _METHODS else "other").inc()
 
+UPSTREAM_REPLAYS = Counter(
+    "gateway_upstream_replays_total",
+    "h2 requests sent again on a new connection because the shard's GOAWAY showed it never processed them.",
+    registry=REGISTRY)
+
 HTTP2_PROTOCOL_ERRORS = Counter(
     "gateway_http2_protocol_errors_total",
     "HTTP/2 connections on h2 ports ended because a peer broke the protocol, by peer: client or shard.",

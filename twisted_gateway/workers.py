@@ -20,6 +20,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
@@ -142,6 +143,20 @@ class Supervisor(Service):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         from twisted_gateway.gateway import install_stop_handler
         self.reactor.callWhenRunning(install_stop_handler, self.reactor)
+        self.reactor.callWhenRunning(self._watch_children)
+
+    def _watch_children(self) -> None:
+        """
+        On the asyncio reactor the event loop owns the signal wake-up descriptor (uvloop sets
+        its own), so Twisted's SIGCHLD handler may never run and a worker's exit would go
+        unnoticed: look for exited workers twice a second as well (a non-blocking waitpid per
+        worker).
+        """
+        if getattr(self.reactor, "_asyncioEventloop", None) is not None:
+            from twisted.internet.process import reapAllProcesses
+            self._reaper = LoopingCall(reapAllProcesses)
+            self._reaper.clock = self.reactor
+            self._reaper.start(0.5, now=False)
 
     def reload(self) -> None:
         """SIGHUP: every worker re-reads its configuration, directory and certificates."""
@@ -188,6 +203,10 @@ class Supervisor(Service):
         super().stopService()
         if self.tls_port is not None:
             # Close our copy: once the workers close theirs, new connections are refused.
+            # Close, never shut down: shutdown() acts on the socket every worker shares and
+            # would stop it listening under workers still accepting (their accept() then
+            # fails with EINVAL). Twisted skips it for adopted sockets; this one is ours.
+            self.tls_port._shouldShutdown = False
             self.tls_port.stopListening()
         waits = [w.ended for w in self.workers.values()]
         for w in list(self.workers.values()):

@@ -56,6 +56,9 @@ CONNECTION_WINDOW = 1024 * 1024
 """The flow-control window of a whole connection, on both sides."""
 MAX_STREAMS = 100
 """Concurrent streams a client may open."""
+REPLAY_LIMIT = 64 * 1024
+"""Request body bytes kept per stream until the shard answers, so that a request the shard's
+GOAWAY shows it never processed can be sent again on a new connection."""
 _DEFAULT_WINDOW = 65535
 
 # gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
@@ -385,16 +388,21 @@ class ShardConnection(_H2Peer):
         self.flush_both()
 
     def _goaway(self, last_stream_id: int) -> None:
-        """The shard is closing: streams it never processed fail now; the rest may finish."""
+        """
+        The shard is closing (a restart, or gRPC's max connection age).  The streams it says it
+        never processed are sent again on a new connection when their listener still has
+        everything it sent (L{REPLAY_LIMIT}); otherwise they fail.  The rest may finish here.
+        """
         self.going_away = True
-        unprocessed = [sid for sid in self.listeners if sid > last_stream_id]
-        failure = Failure(ShardError("the shard closed the connection (GOAWAY) before the request"))
-        for sid in unprocessed:
-            self.listeners.pop(sid).failed(failure)
-        waiting = [listener for listener, _, _ in self.waiting]
+        unprocessed = [self.listeners.pop(sid) for sid in sorted(self.listeners) if sid > last_stream_id]
+        unprocessed += [listener for listener, _, _ in self.waiting]
         self.waiting.clear()
-        for listener in waiting:
-            listener.failed(failure)
+        failure = Failure(ShardError("the shard closed the connection (GOAWAY) before the request"))
+        for listener in unprocessed:
+            if listener.replay():
+                metrics.UPSTREAM_REPLAYS.inc()
+            else:
+                listener.failed(failure)
         if not self.listeners and self.transport is not None:
             self.transport.loseConnection()
 
@@ -449,6 +457,12 @@ class _Exchange:
         self.held_end: Any = None
         self.headers_only = False
         """The request was its headers alone (END_STREAM on HEADERS), sent to the shard so."""
+        self.request_headers: list[tuple[bytes, bytes]] = []
+        self.replay_data: list[bytes] | None = []
+        """The body so far, while it fits in L{REPLAY_LIMIT} and no response has begun."""
+        self.replay_size = 0
+        self._skip_acks = 0
+        self.end_marker: Any = None
         self.request_ended = False
         self.response_started = False
         self.response_ended = False
@@ -461,6 +475,12 @@ class _Exchange:
     # -- from the client -------------------------------------------------------------------------
 
     def client_data(self, data: bytes, flow_length: int) -> None:
+        if self.replay_data is not None:
+            self.replay_size += len(data)
+            if self.replay_size > REPLAY_LIMIT:
+                self.replay_data = None
+            else:
+                self.replay_data.append(data)
         if self.request_pipe is not None:
             self.request_pipe.push(data, flow_length)
         elif self.finished:
@@ -473,6 +493,7 @@ class _Exchange:
         if self.request_ended:
             return
         self.request_ended = True
+        self.end_marker = trailers if trailers is not None else True
         if self.headers_only:
             pass
         elif self.request_pipe is not None:
@@ -504,7 +525,29 @@ class _Exchange:
             self.request_pipe.finish(None if self.held_end is True else self.held_end)
 
     def _request_consumed(self, size: int) -> None:
-        self.front.ack(self.client_id, size)
+        skip = min(self._skip_acks, size)
+        self._skip_acks -= skip
+        if size > skip:
+            self.front.ack(self.client_id, size - skip)
+
+    def replay(self) -> bool:
+        """The shard never processed this stream: send it again on a new connection."""
+        if self.finished or self.response_started or self.replay_data is None:
+            return False
+        old, self.request_pipe = self.request_pipe, None
+        if old is not None:
+            # Part of the body went out (and was acknowledged to the client), part is still in
+            # the pipe: let the pipe acknowledge the rest, then send all of it again from the
+            # copy, without acknowledging it a second time.
+            old.abandon()
+            self.held = [(data, len(data)) for data in self.replay_data]
+            self._skip_acks = sum(len(data) for data in self.replay_data)
+            self.held_end = None if self.end_marker is None else self.end_marker
+        # (A stream that was still waiting for a slot has its body in self.held, unacknowledged.)
+        shard = self.front._shard()
+        self.shard = shard
+        shard.open(self, self.request_headers, end_stream=self.headers_only)
+        return True
 
     def response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         if self.finished:
@@ -517,6 +560,7 @@ class _Exchange:
                 break
         metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.started)
         metrics.count_request("proxy", self.status, self.method)
+        self.replay_data = None  # the shard has it: never sent twice
         front = self.front
         try:
             # A response of headers alone (gRPC's trailers-only error) keeps its END_STREAM.
@@ -626,6 +670,7 @@ class H2FrontConnection(_H2Peer):
         self.idle_timeout = idle_timeout
         self.exchanges: dict[int, _Exchange] = {}
         self.shard: ShardConnection | None = None
+        self.shards: set[ShardConnection] = set()
         self.closing = False
         self._idle: Any = None
         self.lost = False
@@ -686,9 +731,10 @@ class H2FrontConnection(_H2Peer):
         self._cancel_idle()
         for exchange in list(self.exchanges.values()):
             exchange.client_reset()
-        if self.shard is not None:
-            self.shard.close()
-            self.shard = None
+        for shard in list(self.shards):
+            shard.close()
+        self.shards.clear()
+        self.shard = None
         self.transport = None
 
     def drain(self) -> None:
@@ -791,6 +837,7 @@ class H2FrontConnection(_H2Peer):
         shard = self._shard()
         exchange.shard = shard
         exchange.headers_only = ended
+        exchange.request_headers = out
         shard.open(exchange, out, end_stream=ended)
 
     def _client_ip(self) -> str:
@@ -798,20 +845,28 @@ class H2FrontConnection(_H2Peer):
         return str(getattr(peer, "host", "?"))
 
     def _shard(self) -> ShardConnection:
+        """The connection new streams go to (a new one once the last is going away)."""
         if self.shard is None or not self.shard.usable:
             route = self.route
             self.shard = ShardConnection(self.reactor, route.shard.address, route.port.target_port,
                                          self.ctx.connect_timeout, self._shard_lost)
             self.shard.partner = self
-            self.partner = self.shard
+            self.shards.add(self.shard)
         return self.shard
 
     def _shard_lost(self, shard: ShardConnection) -> None:
+        self.shards.discard(shard)
         if self.shard is shard:
             self.shard = None
-            self.partner = None
         if self.transport is not None:
             self.flush()
+
+    def flush_both(self) -> None:
+        # Besides the current shard connection, one that is going away may still be finishing
+        # streams, and acknowledgements for those are due too.
+        self.flush()
+        for shard in list(self.shards):
+            shard.flush()
 
     # -- answers -----------------------------------------------------------------------------------
 
@@ -951,9 +1006,11 @@ class _UpstreamStream:
     # Body bytes held for the shard before the client is paused.
     _HOLD = STREAM_WINDOW
 
-    def __init__(self, shard: ShardConnection, body: Any) -> None:
+    def __init__(self, shard: ShardConnection, body: Any,
+                 reopen: Callable[[_UpstreamStream], ShardConnection] | None = None) -> None:
         self.shard = shard
         self.body = body
+        self._reopen = reopen
         self.stream_id: int | None = None
         self.pipe: _Pipe | None = None
         self.result: Deferred = Deferred(lambda d: self.cancel())
@@ -987,6 +1044,14 @@ class _UpstreamStream:
         if self.body_paused and self.pipe is not None and self.pipe.held <= self._HOLD // 2:
             self.body_paused = False
             self.body.resumeProducing()
+
+    def replay(self) -> bool:
+        """The shard never processed this stream: a request without a body is sent again."""
+        if self.body is not None or self.result.called or self._reopen is None:
+            return False
+        self.stream_id = None
+        self.shard = self._reopen(self)
+        return True
 
     def opened(self, shard: ShardConnection, stream_id: int) -> None:
         self.stream_id = stream_id
@@ -1116,9 +1181,7 @@ class H2Upstream:
 
     def request(self, address: str, port: int, method: bytes, path: bytes,
                 headers: list[tuple[bytes, bytes]], body: Any = None) -> Deferred:
-        shard = self.shard
-        if shard is None or not shard.usable:
-            shard = self.shard = ShardConnection(self.reactor, address, port, self.connect_timeout, self._lost)
+        shard = self._connection(address, port)
         authority = b""
         fields = []
         for name, value in headers:
@@ -1131,10 +1194,20 @@ class H2Upstream:
         out += fields
         if body is not None and body.length is not UNKNOWN_LENGTH:
             out.append((b"content-length", str(body.length).encode()))
-        stream = _UpstreamStream(shard, body)
+        def reopen(stream: _UpstreamStream) -> ShardConnection:
+            again = self._connection(address, port)
+            again.open(stream, out, end_stream=True)
+            return again
+        stream = _UpstreamStream(shard, body, reopen)
         shard.open(stream, out, end_stream=body is None)
-        shard.flush() if shard.transport is not None else None
+        shard.flush()
         return stream.result
+
+    def _connection(self, address: str, port: int) -> ShardConnection:
+        shard = self.shard
+        if shard is None or not shard.usable:
+            shard = self.shard = ShardConnection(self.reactor, address, port, self.connect_timeout, self._lost)
+        return shard
 
     def _lost(self, shard: ShardConnection) -> None:
         if self.shard is shard:
