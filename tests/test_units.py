@@ -358,3 +358,28 @@ def test_challenge_board_lets_another_process_answer(tmp_path):
     board.request("*.wild.test")
     assert sorted(board.take_requests()) == ["*.wild.test", "c-9000.test"]
     assert board.take_requests() == []
+
+
+def test_h2_replay_copies_are_bounded_per_stream_and_connection():
+    from twisted_gateway.http import h2proxy
+
+    class Front:
+        replay_held = 0
+        acked: list[int] = []
+
+        def ack(self, stream_id, size):
+            self.acked.append(size)
+    front = Front()
+    exchanges = [h2proxy._Exchange(front, sid, b"POST", b"/", None, False) for sid in (1, 3, 5, 7, 9)]
+    chunk = b"x" * 16384
+    for exchange in exchanges:
+        for _ in range(4):  # 64 KiB each: exactly the per-stream bound
+            exchange.client_data(chunk, len(chunk))
+    # Four streams fill the connection's 256 KiB; the fifth keeps no copy.
+    assert [e.replay_data is not None for e in exchanges] == [True, True, True, True, False]
+    assert front.replay_held == 256 * 1024
+    exchanges[0].client_data(b"y", 1)  # one byte over its own bound: its copy goes
+    assert exchanges[0].replay_data is None and front.replay_held == 192 * 1024
+    exchanges[1]._drop_replay()
+    exchanges[1]._drop_replay()  # twice is harmless
+    assert front.replay_held == 128 * 1024

@@ -59,6 +59,8 @@ MAX_STREAMS = 100
 REPLAY_LIMIT = 64 * 1024
 """Request body bytes kept per stream until the shard answers, so that a request the shard's
 GOAWAY shows it never processed can be sent again on a new connection."""
+REPLAY_CONNECTION_LIMIT = 256 * 1024
+"""The most such copies one client connection may hold in all (beyond it, bodies are not kept)."""
 _DEFAULT_WINDOW = 65535
 
 # gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
@@ -476,10 +478,12 @@ class _Exchange:
 
     def client_data(self, data: bytes, flow_length: int) -> None:
         if self.replay_data is not None:
-            self.replay_size += len(data)
-            if self.replay_size > REPLAY_LIMIT:
-                self.replay_data = None
+            if self.replay_size + len(data) > REPLAY_LIMIT or \
+                    self.front.replay_held + len(data) > REPLAY_CONNECTION_LIMIT:
+                self._drop_replay()
             else:
+                self.replay_size += len(data)
+                self.front.replay_held += len(data)
                 self.replay_data.append(data)
         if self.request_pipe is not None:
             self.request_pipe.push(data, flow_length)
@@ -530,6 +534,11 @@ class _Exchange:
         if size > skip:
             self.front.ack(self.client_id, size - skip)
 
+    def _drop_replay(self) -> None:
+        self.replay_data = None
+        self.front.replay_held -= self.replay_size
+        self.replay_size = 0
+
     def replay(self) -> bool:
         """The shard never processed this stream: send it again on a new connection."""
         if self.finished or self.response_started or self.replay_data is None:
@@ -560,7 +569,7 @@ class _Exchange:
                 break
         metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.started)
         metrics.count_request("proxy", self.status, self.method)
-        self.replay_data = None  # the shard has it: never sent twice
+        self._drop_replay()  # the shard has it: never sent twice
         front = self.front
         try:
             # A response of headers alone (gRPC's trailers-only error) keeps its END_STREAM.
@@ -650,6 +659,7 @@ class _Exchange:
             return
         self.finished = True
         self._cancel_timer()
+        self._drop_replay()
         held, self.held = self.held, []
         for _, flow_length in held:
             self.front.ack(self.client_id, flow_length)
@@ -671,6 +681,8 @@ class H2FrontConnection(_H2Peer):
         self.exchanges: dict[int, _Exchange] = {}
         self.shard: ShardConnection | None = None
         self.shards: set[ShardConnection] = set()
+        self.replay_held = 0
+        """Bytes of request bodies kept for replay, over all streams (L{REPLAY_CONNECTION_LIMIT})."""
         self.closing = False
         self._idle: Any = None
         self.lost = False
