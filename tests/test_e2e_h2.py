@@ -251,3 +251,29 @@ def test_a_request_the_shard_never_processed_is_sent_again(start_gateway, versio
             assert gw.metric("gateway_upstream_replays_total") == 1
     finally:
         up.close()
+
+
+def test_oversized_h2_headers_end_only_that_connection(h2_gateway):
+    """A header block over limits.max_header_bytes: GOAWAY for that client, counted; others go on."""
+    ctx = ssl.create_default_context(cafile=h2_gateway.ca_path)
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", h2_gateway.tls_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="files-8443.localhost") as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":path", "/small.txt"), (":scheme", "https"),
+                                  (":authority", "files-8443.localhost"), ("x-big", "a" * 100_000)],
+                              end_stream=True)
+            tls.sendall(conn.data_to_send())
+            terminated = None
+            while terminated is None:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        terminated = event
+    assert terminated is not None and terminated.error_code != 0
+    assert h2_gateway.metric("gateway_http2_protocol_errors_total", peer="client") == 1
+    status, _, body = curl(h2_gateway, "files-8443.localhost", "/small.txt", "--http2")
+    assert status == 200 and body == b"small file\n"
