@@ -259,6 +259,7 @@ class ShardConnection(_H2Peer):
     def connectionMade(self) -> None:
         self.h2 = h2.connection.H2Connection(_h2_config(client_side=True))
         self.h2.local_settings = _h2_settings(True, 64 * 1024)
+        self.h2.decoder.max_header_list_size = 64 * 1024
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
         self.transport.setTcpNoDelay(True)
@@ -692,6 +693,9 @@ class H2FrontConnection(_H2Peer):
     def connectionMade(self) -> None:
         self.h2 = h2.connection.H2Connection(_h2_config(client_side=False))
         self.h2.local_settings = _h2_settings(False, self.max_header_bytes)
+        # Initial settings never go through h2's settings-acknowledged path, which is where it
+        # would apply this limit to its HPACK decoder: apply it here.
+        self.h2.decoder.max_header_list_size = self.max_header_bytes
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
         self.transport.registerProducer(self, True)
