@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 
 from twisted_gateway import logs, metrics
 from twisted_gateway.config import ConfigError, load_config
@@ -104,6 +104,13 @@ def install_stop_handler(reactor: Any) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def exit_cleanly_after_drain(reactor: Any) -> None:
+    """A SIGTERM that ends in a completed drain is a clean stop: exit 0 rather than let twistd
+    re-raise the signal against itself (which exits with -15)."""
+    if getattr(reactor, "_exitSignal", None) == getattr(signal, "SIGTERM", None):
+        reactor._exitSignal = None
+
+
 def release_startup_memory() -> None:
     """
     Start-up (imports, configuration, certificates) leaves freed memory in the C heap; collect
@@ -118,7 +125,7 @@ def release_startup_memory() -> None:
             pass  # not glibc (musl has no malloc_trim)
 
 
-class GatewayService(MultiService):
+class GatewayService(logs.LoggingRoot):
     """
     The root service.  When parented to a twistd Application it installs the log observer; on
     start it installs the SIGHUP handler; on stop it drains open connections before the rest of
@@ -126,8 +133,7 @@ class GatewayService(MultiService):
     """
 
     def __init__(self, observer: Any, gateway: Gateway) -> None:
-        super().__init__()
-        self.observer = observer
+        super().__init__(observer)
         self.gateway = gateway
 
     def startService(self) -> None:
@@ -144,18 +150,11 @@ class GatewayService(MultiService):
         d = self.gateway.drain()
 
         def drained(_: Any) -> Any:
-            # A SIGTERM that ends in a completed drain is a clean stop: exit 0 rather than let
-            # twistd re-raise the signal against itself (which exits with -15).
-            if getattr(self.gateway.reactor, "_exitSignal", None) == getattr(signal, "SIGTERM", None):
-                self.gateway.reactor._exitSignal = None
+            exit_cleanly_after_drain(self.gateway.reactor)
             return MultiService.stopService(self)
         d.addCallback(drained)
         return d
 
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
-        if hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, self.observer)
 
 
 class Gateway:

@@ -16,6 +16,7 @@ from typing import IO, Any
 from twisted.logger import (
     FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
 )
+from twisted.application.service import MultiService
 from zope.interface import implementer
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
@@ -94,3 +95,16 @@ def set_level(observer: ILogObserver, level: str) -> None:
     predicate = getattr(observer, "level_predicate", None)
     if predicate is not None:
         predicate.defaultLogLevel = _LEVELS[level]
+
+
+class LoggingRoot(MultiService):
+    """A root service that, parented to a twistd Application, makes C{observer} its log observer."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)

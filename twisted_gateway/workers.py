@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -219,10 +219,8 @@ class Supervisor(Service):
         if not waits:
             d.callback(None)
 
-        def clean(_: Any) -> None:
-            if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-                self.reactor._exitSignal = None  # a completed drain is a clean exit
-        d.addCallback(clean)
+        from twisted_gateway.gateway import exit_cleanly_after_drain
+        d.addCallback(lambda _: exit_cleanly_after_drain(self.reactor))
         return d
 
     # -- the aggregated admin app --------------------------------------------------------------
@@ -256,22 +254,11 @@ def make_supervisor_service(config: GatewayConfig, argv: list[str], count: int) 
                       path=os.path.abspath(ca.cert_path))
     supervisor = Supervisor(config, argv, count)
     app = SupervisorAdmin(supervisor)
-    root = _SupervisorRoot(logs.make_observer(config.log.format, config.log.level))
+    root = logs.LoggingRoot(logs.make_observer(config.log.format, config.log.level))
     supervisor.setServiceParent(root)
     from twisted_gateway.http.errors import quiet_site
     ListenerService("plain", supervisor.reactor, config.listen.plain, quiet_site(app.resource())).setServiceParent(root)
     return root
-
-
-class _SupervisorRoot(MultiService):
-    def __init__(self, observer: Any) -> None:
-        super().__init__()
-        self.observer = observer
-
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
-        if hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, self.observer)
 
 
 class SupervisorAdmin:
