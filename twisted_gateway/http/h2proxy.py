@@ -46,7 +46,8 @@ from twisted_gateway.directory.model import Route
 from twisted_gateway.http.errors import negotiate, render_error
 from twisted_gateway.http.upstream import RawHeaders
 from twisted_gateway.http.policy import (
-    Answer, auth_redirect, forwarding_headers, rate_limit_wait, refusal, request_token, strip_cookie,
+    Answer, auth_redirect, authorize, forwarding_headers, rate_limit_wait, refusal, request_token,
+    strip_cookie,
 )
 from twisted_gateway.limits import retry_after_header
 
@@ -499,12 +500,10 @@ class _Exchange:
             return
         self.request_ended = True
         self.end_marker = trailers if trailers is not None else True
-        if self.headers_only:
-            pass
-        elif self.request_pipe is not None:
+        if self.request_pipe is not None:
             self.request_pipe.finish(trailers)
-        else:
-            self.held_end = trailers if trailers is not None else True
+        elif not self.headers_only:
+            self.held_end = self.end_marker
         if not self.finished and not self.response_started:
             # The response timeout runs from the end of the request: a long upload is not the
             # shard being slow.
@@ -552,7 +551,7 @@ class _Exchange:
             old.abandon()
             self.held = [(data, len(data)) for data in self.replay_data]
             self._skip_acks = sum(len(data) for data in self.replay_data)
-            self.held_end = None if self.end_marker is None else self.end_marker
+            self.held_end = self.end_marker
         # (A stream that was still waiting for a slot has its body in self.held, unacknowledged.)
         shard = self.front._shard()
         self.shard = shard
@@ -777,6 +776,7 @@ class H2FrontConnection(_H2Peer):
 
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         self._cancel_idle()
+        private = not self.route.port.public
         pseudo: dict[bytes, bytes] = {}
         regular: list[tuple[bytes, bytes]] = []
         authorization = accept = content_type = None
@@ -789,8 +789,14 @@ class H2FrontConnection(_H2Peer):
                 continue
             if name == b"authorization":
                 authorization = value
+                if private:
+                    continue  # the token never reaches the shard
             elif name == b"cookie":
                 cookies.append(value)
+                if private:
+                    value = strip_cookie(value, self.ctx.cookie_name)
+                    if not value:
+                        continue
             elif name == b"accept":
                 accept = value
             elif name == b"content-type":
@@ -819,37 +825,24 @@ class H2FrontConnection(_H2Peer):
             return
         decision = None
         token = None
-        if not self.route.port.public:
-            if self.ctx.verifier is None:
-                from twisted_gateway.http.auth import AuthDecision
-                decision = AuthDecision("invalid", 403, "private ports need auth.* to be configured")
-            else:
-                token = request_token(authorization, cookies, self.ctx.cookie_name)
-                decision = self.ctx.verifier.authorize(token, self.route.shard.task)
+        if private:
+            token = request_token(authorization, cookies, self.ctx.cookie_name)
+            decision = authorize(self.ctx, token, self.route.shard.task)
             if not decision.allowed:
                 original = f"https://{authority.decode('latin-1')}{path.decode('latin-1')}"
                 wants_html = negotiate(accept) == "html"
                 self.answer(exchange, refusal(self.ctx, decision, method, wants_html, original))
                 return
-        wait = rate_limit_wait(self.ctx, self._client_ip(), decision, token)
+        client_ip = self._client_ip()
+        wait = rate_limit_wait(self.ctx, client_ip, decision, lambda: token)
         if wait:
             self.answer(exchange, Answer(429, ((b"retry-after", retry_after_header(wait)),),
                                          ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s")))
             return
         out = [(b":method", method), (b":scheme", pseudo.get(b":scheme", b"https")),
                (b":authority", authority), (b":path", path)]
-        if not self.route.port.public:
-            regular = [(n, v) for n, v in regular if n != b"authorization"]
-            stripped = []
-            for name, value in regular:
-                if name == b"cookie":
-                    value = strip_cookie(value, self.ctx.cookie_name)
-                    if not value:
-                        continue
-                stripped.append((name, value))
-            regular = stripped
         out += regular
-        out += forwarding_headers(forwarded_for, forwarded, self._client_ip(), authority)
+        out += forwarding_headers(forwarded_for, forwarded, client_ip, authority)
         shard = self._shard()
         exchange.shard = shard
         exchange.headers_only = ended

@@ -10,7 +10,7 @@ it arrives.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs, quote
 
 import attrs
@@ -61,6 +61,13 @@ def strip_cookie(value: bytes, cookie_name: bytes) -> bytes:
     return b"; ".join(p for p in parts if p and not p.startswith(cookie_name + b"="))
 
 
+def authorize(ctx: Any, token: str | None, task: str) -> AuthDecision:
+    """Whether C{token} opens a private port of C{task} (C{ctx} is an C{HTTPRouteContext})."""
+    if ctx.verifier is None:
+        return AuthDecision("invalid", 403, "private ports need auth.* to be configured")
+    return ctx.verifier.authorize(token, task)
+
+
 def refusal(ctx: Any, decision: AuthDecision, method: bytes, wants_html: bool, original_url: str) -> Answer:
     """How to answer a request the token check refused (C{ctx} is an C{HTTPRouteContext})."""
     if method == b"GET" and wants_html and decision.status == 401 and ctx.signin_url:
@@ -96,8 +103,10 @@ def auth_redirect(ctx: Any, query: str) -> Answer:
                         (b"cache-control", b"no-store")))
 
 
-def rate_limit_wait(ctx: Any, client_ip: str, decision: AuthDecision | None, token: str | None) -> float:
-    """0, or the seconds until this client (IP, then token subject) may send again."""
+def rate_limit_wait(ctx: Any, client_ip: str, decision: AuthDecision | None,
+                    token: Callable[[], str | None]) -> float:
+    """0, or the seconds until this client (IP, then token subject) may send again.  C{token}
+    gives the request's token, asked for only when its claims name no subject."""
     admission = ctx.admission() if ctx.admission is not None else None
     if admission is None:
         return 0.0
@@ -106,7 +115,7 @@ def rate_limit_wait(ctx: Any, client_ip: str, decision: AuthDecision | None, tok
         metrics.HTTP_RATE_LIMITED.labels(key="ip").inc()
         return float(wait)
     if decision is not None and decision.claims is not None and admission.request_rate_token.enabled:
-        subject = str(decision.claims.get("sub") or decision.claims.get("jti") or hash(token))
+        subject = str(decision.claims.get("sub") or decision.claims.get("jti") or hash(token()))
         wait = admission.request_rate_token.take(subject)
         if wait:
             metrics.HTTP_RATE_LIMITED.labels(key="token").inc()
@@ -127,5 +136,5 @@ def forwarding_headers(previous_for: list[bytes], previous_forwarded: list[bytes
     ]
 
 
-__all__ = ["Answer", "HOP_BY_HOP", "auth_redirect", "cookie_value", "forwarding_headers",
+__all__ = ["Answer", "HOP_BY_HOP", "auth_redirect", "authorize", "cookie_value", "forwarding_headers",
            "rate_limit_wait", "refusal", "request_token", "strip_cookie"]

@@ -38,7 +38,7 @@ from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import AuthDecision, TokenVerifier
 from twisted_gateway.http.errors import negotiate, quiet_site, write_error
 from twisted_gateway.http.policy import (
-    HOP_BY_HOP, Answer, auth_redirect, forwarding_headers, rate_limit_wait, refusal, request_token,
+    HOP_BY_HOP, Answer, auth_redirect, authorize, forwarding_headers, rate_limit_wait, refusal, request_token,
     strip_cookie,
 )
 from twisted_gateway.http.upstream import UpstreamPool
@@ -216,9 +216,7 @@ class ProxyResource(Resource):
     # -- authorization --------------------------------------------------------------------------
 
     def _authorize(self, request: Any) -> AuthDecision:
-        if self.ctx.verifier is None:
-            return AuthDecision("invalid", 403, "private ports need auth.* to be configured")
-        return self.ctx.verifier.authorize(self.ctx.token_of(request), self.route.shard.task)
+        return authorize(self.ctx, self.ctx.token_of(request), self.route.shard.task)
 
     def _refuse(self, request: Any, decision: AuthDecision) -> bytes:
         original = f"https://{request.getRequestHostname().decode()}" \
@@ -238,8 +236,7 @@ class ProxyResource(Resource):
     def _rate_limited(self, request: Any, decision: AuthDecision | None) -> float:
         """0, or the seconds until this client (IP, then token subject) may send again."""
         ip = getattr(request.getClientAddress(), "host", "?")
-        token = self.ctx.token_of(request) if decision is not None else None
-        return rate_limit_wait(self.ctx, ip, decision, token)
+        return rate_limit_wait(self.ctx, ip, decision, lambda: self.ctx.token_of(request))
 
     def _too_many(self, request: Any, wait: float) -> bytes:
         request.setHeader(b"retry-after", retry_after_header(wait))
