@@ -91,9 +91,8 @@ class AcmeCertificateSource(Service):
         self._sync.clock = reactor
         self._sync_interval = sync_interval
 
-    @property
-    def issuing(self) -> bool:
-        """Whether this process is the one that talks to the CA."""
+    def may_issue(self) -> bool:
+        """Whether this process is the one that talks to the CA (taking the lock if it is free)."""
         return self.lock is None or self.lock.acquire()
 
     # -- ICertificateSource -------------------------------------------------------------------
@@ -133,7 +132,7 @@ class AcmeCertificateSource(Service):
         super().startService()
         # Only the issuing process moves an unreadable certificate aside (another process
         # may be between writing a certificate and its key).
-        for stored in self.store.load_all(quarantine=self.issuing):
+        for stored in self.store.load_all(quarantine=self.may_issue()):
             self._install(stored)
             self._managed.setdefault(stored.names, self._challenge_for(stored.names))
         if self.config.wildcard:
@@ -185,7 +184,7 @@ class AcmeCertificateSource(Service):
 
     def check(self) -> None:
         """Issue what is missing and renew what is due (respecting each name's backoff)."""
-        if not self.issuing:
+        if not self.may_issue():
             return  # another process issues; sync_store picks up its certificates
         if self.lock is not None:
             self.sync_store()  # what a previous issuer stored
@@ -230,7 +229,7 @@ class AcmeCertificateSource(Service):
             return
         metrics.ACME_ON_DEMAND.labels(decision="allowed").inc()
         self._managed[(name,)] = self.config.challenge
-        if self.issuing:
+        if self.may_issue():
             self._issue((name,), self.config.challenge, "on_demand")
         elif self.board is not None:
             # The issuing process takes it from here; this one waits for the store.
