@@ -59,3 +59,11 @@ def run_and_report(make: Callable[[], Any], out: str) -> None:
     with open(out, "w") as f:
         f.write(report)
     print(report)
+
+
+def loopback_shard(label: str, port: int, upstream_port: int, protocol: str = "tcp", **options: Any) -> dict:
+    """A directory entry: one public port of a primary shard on 127.0.0.1, id and task after
+    C{label}; C{options} are further port keys (e.g. passthrough=True)."""
+    return {"id": label, "task": f"bench/{label}", "hostname_label": label, "address": "127.0.0.1",
+            "primary": True, "ports": [{"port": port, "protocol": protocol, "public": True,
+                                        "upstream_port": upstream_port, **options}]}

@@ -42,7 +42,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import free_port, run_and_report, twistd, wait_port, wait_ready  # noqa: E402
+from common import free_port, loopback_shard, run_and_report, twistd, wait_port, wait_ready  # noqa: E402
 sys.path.insert(0, REPO)
 
 from twisted_gateway.tls.localca import LocalCA  # noqa: E402
@@ -126,24 +126,12 @@ http {{
         import yaml
         self.gw_port, self.gw_admin = free_port(), free_port()
         shards = [
-            {"id": "n", "task": "bench/nginx", "hostname_label": "nginx", "address": "127.0.0.1",
-             "primary": True, "ports": [{"port": 80, "protocol": "tcp", "public": True,
-                                         "upstream_port": self.nginx_port}]},
-            {"id": "w", "task": "bench/web", "hostname_label": "web", "address": "127.0.0.1",
-             "primary": True, "ports": [{"port": 8080, "protocol": "http/1.1", "public": True,
-                                         "upstream_port": self.nginx_port}]},
-            {"id": "h", "task": "bench/h2", "hostname_label": "h2", "address": "127.0.0.1",
-             "primary": True, "ports": [{"port": 8081, "protocol": "h2", "public": True,
-                                         "upstream_port": self.nginx_h2c}]},
-            {"id": "hp", "task": "bench/h2p", "hostname_label": "h2p", "address": "127.0.0.1",
-             "primary": True, "ports": [{"port": 8082, "protocol": "h2", "public": True, "passthrough": True,
-                                         "upstream_port": self.nginx_h2c}]},
-            {"id": "s", "task": "bench/sink", "hostname_label": "sink", "address": "127.0.0.1",
-             "primary": True, "ports": [{"port": 9000, "protocol": "tcp", "public": True,
-                                         "upstream_port": self.sink_port}]},
-            {"id": "o", "task": "bench/source", "hostname_label": "source", "address": "127.0.0.1",
-             "primary": True, "ports": [{"port": 9001, "protocol": "tcp", "public": True,
-                                         "upstream_port": self.source_port}]},
+            loopback_shard("nginx", 80, self.nginx_port),
+            loopback_shard("web", 8080, self.nginx_port, "http/1.1"),
+            loopback_shard("h2", 8081, self.nginx_h2c, "h2"),
+            loopback_shard("h2p", 8082, self.nginx_h2c, "h2", passthrough=True),
+            loopback_shard("sink", 9000, self.sink_port),
+            loopback_shard("source", 9001, self.source_port),
         ]
         directory = os.path.join(self.dir, "shards.yaml")
         with open(directory, "w") as f:

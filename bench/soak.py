@@ -34,7 +34,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import free_port, run_and_report, twistd, wait_ready  # noqa: E402
+from common import free_port, loopback_shard, run_and_report, twistd, wait_ready  # noqa: E402
 
 
 def tcp_server(handler) -> int:
@@ -89,14 +89,8 @@ class Soak:
         self.tls_port, self.admin_port = free_port(), free_port()
         import yaml
         with open(os.path.join(self.dir, "shards.yaml"), "w") as f:
-            yaml.safe_dump({"shards": [
-                {"id": "e", "task": "soak/echo", "hostname_label": "echo", "address": "127.0.0.1",
-                 "primary": True, "ports": [{"port": 7, "protocol": "tcp", "public": True,
-                                             "upstream_port": self.echo_port}]},
-                {"id": "d", "task": "soak/dying", "hostname_label": "dying", "address": "127.0.0.1",
-                 "primary": True, "ports": [{"port": 7, "protocol": "tcp", "public": True,
-                                             "upstream_port": self.dying_port}]},
-            ]}, f)
+            yaml.safe_dump({"shards": [loopback_shard("echo", 7, self.echo_port),
+                                       loopback_shard("dying", 7, self.dying_port)]}, f)
         self.log_path = os.path.join(self.dir, "gateway.log")
         self.gw = subprocess.Popen(
             [twistd(), "-n", "--pidfile=", "gateway", "--workers", "1", "--log-format", "json", "--log-level", "info",
