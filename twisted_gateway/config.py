@@ -120,6 +120,20 @@ def endpoint(value: Any) -> str:
     return value
 
 
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return value
+
+
+def networks(value: Any) -> tuple[str, ...]:
+    from twisted_gateway.limits import parse_networks
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of CIDR networks, got {value!r}")
+    parse_networks(value)
+    return tuple(value)
+
+
 def _field(check: Callable[[Any], Any], default: Any, doc: str) -> Any:
     return attrs.field(default=default, metadata={"check": check, "doc": doc})
 
@@ -156,6 +170,9 @@ class TCPConfig:
 class HTTPConfig:
     response_timeout: float = _field(positive_number, 30.0, "Seconds for a shard to answer a proxied request (then 504).")
     pool_size: int = _field(positive_int, 64, "Idle keep-alive connections kept per shard port.")
+    trusted_proxies: tuple[str, ...] = _field(
+        networks, (), "Peers whose X-Forwarded-* and Forwarded fields are kept (and appended to); "
+                      "from any other client they are replaced by the gateway's own.")
 
 
 @attrs.frozen
@@ -224,18 +241,6 @@ class AcmeConfig:
     dns_propagation_timeout: float = _field(positive_number, 60.0, "Seconds to wait for a TXT record to be visible.")
 
 
-def non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected an integer >= 0, got {value!r}")
-    return value
-
-
-def networks(value: Any) -> tuple[str, ...]:
-    from twisted_gateway.limits import parse_networks
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"expected a list of CIDR networks, got {value!r}")
-    parse_networks(value)
-    return tuple(value)
 
 
 @attrs.frozen
@@ -252,6 +257,14 @@ class LimitsConfig:
     max_header_bytes: int = _field(positive_int, 16384, "Largest HTTP/1.1 request head.")
     max_headers: int = _field(positive_int, 100, "Most HTTP/1.1 request header fields.")
     http_idle_timeout: float = _field(positive_number, 120.0, "Seconds an idle HTTP connection is kept.")
+    request_head_timeout: float = _field(positive_number, 10.0, "Seconds a client has to send a whole HTTP/1.1 request head, from its first byte (then 408).")
+    body_min_rate: float = _field(non_negative_number, 1024.0, "Bytes per second a request body must average over body_rate_window while the gateway reads it (0: off; then 408).")
+    body_rate_window: float = _field(positive_number, 10.0, "Seconds over which body_min_rate is measured.")
+    max_body_bytes: int = _field(non_negative_int, 100 * 1024 * 1024, "Largest request body proxied to a shard (0: no limit; then 413); a directory port may set its own.")
+    api_max_body_bytes: int = _field(positive_int, 1024 * 1024, "Largest request body the gateway's REST API reads (then 413).")
+    h2_reset_rate: float = _field(positive_number, 10.0, "Streams per second an h2 client may reset before their response, sustained (then GOAWAY ENHANCE_YOUR_CALM).")
+    h2_reset_burst: int = _field(positive_int, 100, "Burst allowed above h2_reset_rate.")
+    h2_max_pending_control: int = _field(positive_int, 100, "PING and SETTINGS frames an h2 client may send while it does not read their acknowledgements (then GOAWAY ENHANCE_YOUR_CALM).")
     drain_timeout: float = _field(positive_number, 30.0, "Seconds open connections get to finish on SIGTERM.")
 
 

@@ -41,6 +41,8 @@ class ShardPort:
     passthrough: bool = False
     """Public h2 ports: splice h2 clients' streams to the shard unparsed instead of proxying
     them request by request (faster; no per-request headers, checks or metrics)."""
+    max_body_bytes: int | None = None
+    """HTTP ports: the largest request body proxied (0: no limit); None: limits.max_body_bytes."""
 
     @property
     def target_port(self) -> int:
@@ -171,7 +173,8 @@ class DirectorySnapshot:
 
 _SHARD_KEYS = {"id", "task", "hostname_label", "address", "ports", "labels", "key_begin",
                "rclock_begin", "primary"}
-_PORT_KEYS = {"port", "protocol", "public", "upstream_port", "allow", "deny", "send_proxy", "passthrough"}
+_PORT_KEYS = {"port", "protocol", "public", "upstream_port", "allow", "deny", "send_proxy", "passthrough",
+              "max_body_bytes"}
 
 
 def _key(name: Any) -> str:
@@ -228,6 +231,8 @@ def parse_port(doc: Any, where: str) -> ShardPort:
         deny=_networks(doc.get("deny", []), f"{where}.deny"),
         send_proxy=_bool(doc.get("send_proxy", False), f"{where}.send_proxy"),
         passthrough=passthrough,
+        max_body_bytes=None if doc.get("max_body_bytes") is None else
+        _int(doc["max_body_bytes"], f"{where}.max_body_bytes", 0, 2 ** 62),
     )
 
 
@@ -312,7 +317,8 @@ def shard_to_dict(shard: Shard) -> dict[str, Any]:
              **({"allow": list(p.allow)} if p.allow else {}),
              **({"deny": list(p.deny)} if p.deny else {}),
              **({"send_proxy": True} if p.send_proxy else {}),
-             **({"passthrough": True} if p.passthrough else {})}
+             **({"passthrough": True} if p.passthrough else {}),
+             **({"max_body_bytes": p.max_body_bytes} if p.max_body_bytes is not None else {})}
             for p in shard.ports
         ],
     }
