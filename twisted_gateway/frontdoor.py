@@ -35,6 +35,7 @@ from twisted_gateway.splice import Splice
 from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.http.auth import task_covered
 from twisted_gateway.http.h2proxy import H2FrontConnection, H2PortProtocol, H2Upstream
+from twisted_gateway.http.proxy import H1ProxyConnection
 from twisted_gateway.tls.acme import ACME_TLS_ALPN
 from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL, client_certificate_prefixes
 
@@ -204,11 +205,11 @@ class FrontDoor(Protocol):
         protocol = result.port.protocol
         if protocol == "http/1.1":
             self.outcome = "http"
-            self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.gateway.proxy_site(result)))
+            self._start_tls(name, _HTTP_ALPN, self._http_port_protocol(result, name))
             return
         if protocol == "h2" and not (result.port.passthrough and b"h2" in hello.alpn):
             self.outcome = "http"
-            self._start_tls(name, _HTTP_ALPN, self._h2_port_protocol(result))
+            self._start_tls(name, _HTTP_ALPN, self._h2_port_protocol(result, name))
             return
         client_auth = False
         if not result.port.public and self.gateway.contexts.client_ca:
@@ -259,17 +260,30 @@ class FrontDoor(Protocol):
         self.http_protocol = proto
         return proto
 
-    def _h2_port_protocol(self, route: Route) -> H2PortProtocol:
-        """h2 clients are proxied frame by frame; HTTP/1.1 clients through the HTTP/1.1 route."""
+    def _chosen(self, proto: Any) -> None:
+        self.http_protocol = proto
+
+    def _http_port_protocol(self, route: Route, name: str) -> H2PortProtocol:
+        """An http/1.1 port: h2 clients stream by stream, HTTP/1.1 clients request by request,
+        both to the shard's HTTP/1.1 listener through the pool."""
         http = self.gateway.http
         limits = self.gateway.config.limits
-
-        def chosen(proto: Any) -> None:
-            self.http_protocol = proto
         return H2PortProtocol(
-            lambda: H2FrontConnection(route, http, limits.max_header_bytes, limits.http_idle_timeout),
-            lambda upstream: self._http_protocol(self.gateway.proxy_site(route, upstream)),
-            H2Upstream(self.reactor, http.connect_timeout), chosen)
+            lambda: H2FrontConnection(route, http, limits.max_header_bytes, limits.http_idle_timeout,
+                                      server_name=name, pool=http.upstream),
+            lambda upstream: H1ProxyConnection(route, http, name),
+            None, self._chosen)
+
+    def _h2_port_protocol(self, route: Route, name: str) -> H2PortProtocol:
+        """An h2 port: h2 clients frame by frame to the shard's h2c listener; HTTP/1.1 clients
+        request by request, each as a stream on one h2c connection."""
+        http = self.gateway.http
+        limits = self.gateway.config.limits
+        return H2PortProtocol(
+            lambda: H2FrontConnection(route, http, limits.max_header_bytes, limits.http_idle_timeout,
+                                      server_name=name),
+            lambda upstream: H1ProxyConnection(route, http, name, upstream=upstream),
+            H2Upstream(self.reactor, http.connect_timeout), self._chosen)
 
     def drain(self) -> None:
         """The gateway is stopping: end HTTP keep-alive after the request in progress."""
@@ -277,7 +291,7 @@ class FrontDoor(Protocol):
         tls = self._tls
         if proto is None or tls is None or not tls.handshake_done:
             return
-        if isinstance(proto, H2FrontConnection):
+        if isinstance(proto, (H2FrontConnection, H1ProxyConnection)):
             proto.drain()
             return
         channel = getattr(proto, "_channel", None)

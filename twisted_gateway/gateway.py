@@ -29,7 +29,7 @@ from twisted_gateway.directory.file import FileDirectoryProvider
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.frontdoor import FrontDoorFactory
 from twisted_gateway.http.auth import TokenVerifier
-from twisted_gateway.http.proxy import HTTPRouteContext, proxy_site
+from twisted_gateway.http.proxy import HTTPRouteContext
 from twisted_gateway.http.api import GatewayAPI, openapi_document
 from twisted_gateway.http.errors import error_site, quiet_site
 from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource, load_client_ca
@@ -205,7 +205,8 @@ class Gateway:
         self.http = HTTPRouteContext(
             reactor, self.hostname, verifier, config.tcp.connect_timeout, config.http.response_timeout,
             config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,
-            config.http.pool_size)
+            config.http.pool_size, limits=config.limits, trusted_proxies=config.http.trusted_proxies,
+            tunnel_idle_timeout=config.tcp.idle_timeout)
         self.http.admission = lambda: self.admission
         self.http.access_log = config.log.access_log
         self.api = GatewayAPI(self.directory, verifier, self.hostname, config.api.cors_allowed_origin,
@@ -261,8 +262,6 @@ class Gateway:
     def error_site(self, status: int, code: str, message: str) -> Any:
         return error_site(status, code, message)
 
-    def proxy_site(self, route: Any, upstream: Any = None) -> Any:
-        return proxy_site(route, self.http, upstream)
 
     def port_filter(self, port: Any) -> IPFilter | None:
         """The allow/deny filter of a shard port, or None when it has none."""
@@ -392,6 +391,9 @@ class Gateway:
         self.http.upstream.connect_timeout = new.tcp.connect_timeout
         self.http.signin_url = new.auth.signin_url
         self.http.access_log = new.log.access_log
+        self.http.limits = new.limits
+        self.http.trusted_networks = parse_networks(new.http.trusted_proxies)
+        self.http.tunnel_idle_timeout = new.tcp.idle_timeout
         self.api.verifier = verifier
         self.api.cors_origin = new.api.cors_allowed_origin
         logs.set_level(self.observer, new.log.level)

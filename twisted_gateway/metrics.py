@@ -181,3 +181,28 @@ CONFIG_RELOADS = Counter(
     "gateway_config_reloads_total",
     "SIGHUP reloads, by outcome: success or failure (the running configuration stays).",
     ["outcome"], registry=REGISTRY)
+
+HTTP_REJECTED = Counter(
+    "gateway_http_rejected_total",
+    "HTTP requests the gateway refused before they reached a shard because of their form, by "
+    "reason: bad_request, bad_framing, unsupported_coding, misdirected, too_large, "
+    "header_too_large, head_timeout, body_timeout, method_not_allowed.",
+    ["reason"], registry=REGISTRY)
+
+UPSTREAM_BAD_RESPONSES = Counter(
+    "gateway_upstream_bad_responses_total",
+    "Shard responses refused (502) because their head or framing broke HTTP/1.1, by reason: "
+    "bad_head, bad_framing, head_too_large, unexpected_upgrade, bad_body.",
+    ["reason"], registry=REGISTRY)
+
+H2_ABUSE = Counter(
+    "gateway_h2_abuse_total",
+    "h2 client connections ended with GOAWAY ENHANCE_YOUR_CALM, by kind: rapid_reset "
+    "(streams reset faster than limits.h2_reset_rate) or control_flood (PING/SETTINGS "
+    "unacknowledged past limits.h2_max_pending_control).",
+    ["kind"], registry=REGISTRY)
+
+HTTP_TUNNELS = Counter(
+    "gateway_http_tunnels_total",
+    "Websocket tunnels opened after a shard's 101 Switching Protocols.",
+    registry=REGISTRY)

@@ -72,7 +72,10 @@ class _ClientSide(Protocol):
 
 
 @implementer(IHalfCloseableProtocol)
-class _UpstreamSide(Protocol):
+class UpstreamSide(Protocol):
+    """The protocol on the shard's connection (also given to a shard connection that an HTTP
+    upgrade turned into a tunnel)."""
+
     def __init__(self, splice: Splice) -> None:
         self.splice = splice
 
@@ -98,8 +101,8 @@ class _UpstreamFactory(ClientFactory):
     def __init__(self, splice: Splice) -> None:
         self.splice = splice
 
-    def buildProtocol(self, addr: Any) -> _UpstreamSide:
-        return _UpstreamSide(self.splice)
+    def buildProtocol(self, addr: Any) -> UpstreamSide:
+        return UpstreamSide(self.splice)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.splice.upstream_failed(reason)
@@ -112,7 +115,7 @@ class Splice:
 
     def __init__(self, route: Route, reactor: Any, connect_timeout: float, idle_timeout: float,
                  on_upstream_failed: Callable[[str], None] | None = None,
-                 preamble: bytes = b"") -> None:
+                 preamble: bytes = b"", on_done: Callable[[Splice], None] | None = None) -> None:
         self.route = route
         self.reactor = reactor
         self.connect_timeout = connect_timeout
@@ -136,6 +139,8 @@ class Splice:
         self._idle_mark = (0, 0)
         self._last_active = 0.0
         self.failure_reason: str | None = None
+        self.on_done = on_done
+        self._started = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -146,6 +151,12 @@ class Splice:
         self._connector = self.reactor.connectTCP(
             self.route.shard.address, self.route.port.target_port, _UpstreamFactory(self),
             timeout=self.connect_timeout)
+
+    def adopt(self) -> None:
+        """Relay over a shard connection made elsewhere (an HTTP upgrade's), given later
+        through L{UpstreamSide}."""
+        _ACTIVE.add(self)
+        self._started = self.reactor.seconds()
 
     def client_connected(self, transport: Any) -> None:
         self.client_transport = transport
@@ -265,6 +276,8 @@ class Splice:
                 self._idle_call.cancel()
             self.flush_counts()
             _ACTIVE.discard(self)
+            if self.on_done is not None:
+                self.on_done(self)
         # loseConnection writes out what is buffered before closing.
         for t in (self.client_transport, self.upstream_transport):
             if t is not None:

@@ -37,14 +37,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from twisted_gateway import metrics
 from twisted_gateway.fastwrite import write_now
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.errors import negotiate, render_error
-from twisted_gateway.http.upstream import RawHeaders
+from twisted_gateway.http.framing import authority_host, h2_target_problem
+from twisted_gateway.http.upstream import RawHeaders, upstream_failure_answer
 from twisted_gateway.http.policy import (
     Answer, auth_redirect, authorize, forwarding_headers, rate_limit_wait, refusal, request_token,
     strip_cookie,
@@ -432,17 +433,6 @@ def _error_name(code: Any) -> str:
         return str(code)
 
 
-def upstream_failure_answer(failure: Failure, shard_id: str, timed_out: bool) -> tuple[int, str, str, str]:
-    """(status, error code, message, metric reason) for a request the shard did not answer."""
-    if timed_out or failure.check(ierror.TimeoutError, ierror.TCPTimedOutError):
-        return 504, "upstream_timeout", f"shard {shard_id} did not answer within the timeout", "timeout"
-    if failure.check(ierror.ConnectionRefusedError):
-        return 502, "upstream_refused", f"shard {shard_id} refused the connection", "refused"
-    if failure.check(ierror.ConnectError, ierror.DNSLookupError):
-        return 502, "upstream_unreachable", f"shard {shard_id} is unreachable", "unreachable"
-    return 502, "upstream_reset", f"shard {shard_id} closed the connection", "error"
-
-
 # -- h2 clients ---------------------------------------------------------------------------------
 
 class _Exchange:
@@ -671,13 +661,25 @@ class H2FrontConnection(_H2Peer):
 
     log = Logger()
 
-    def __init__(self, route: Route, ctx: Any, max_header_bytes: int, idle_timeout: float) -> None:
+    def __init__(self, route: Route, ctx: Any, max_header_bytes: int, idle_timeout: float,
+                 server_name: str | None = None, pool: Any = None) -> None:
         super().__init__()
         self.route = route
         self.ctx = ctx
         self.reactor = ctx.reactor
         self.max_header_bytes = max_header_bytes
         self.idle_timeout = idle_timeout
+        self.server_name = (server_name or "").lower().rstrip(".").encode()
+        self.pool = pool
+        """The HTTP/1.1 pool for an ``http/1.1`` port; None: the shard speaks h2c."""
+        limits = ctx.limits
+        self.reset_rate = float(limits.h2_reset_rate)
+        self.reset_burst = float(limits.h2_reset_burst)
+        self.reset_tokens = self.reset_burst
+        self.reset_stamp = self.reactor.seconds()
+        self.max_pending_control = limits.h2_max_pending_control
+        self.pending_control = 0
+        self.to_open: list[tuple[_Exchange, Callable[[], None]]] = []
         self.exchanges: dict[int, _Exchange] = {}
         self.shard: ShardConnection | None = None
         self.shards: set[ShardConnection] = set()
@@ -711,6 +713,8 @@ class H2FrontConnection(_H2Peer):
             self.transport.loseConnection()
             return
         for event in events:
+            if self.transport is None:
+                return
             if isinstance(event, h2.events.RequestReceived):
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, h2.events.DataReceived):
@@ -730,16 +734,72 @@ class H2FrontConnection(_H2Peer):
             elif isinstance(event, h2.events.StreamReset):
                 exchange = self.exchanges.get(event.stream_id)
                 if exchange is not None:
+                    premature = not exchange.response_ended
                     exchange.client_reset()
+                    if premature and not self._take_reset():
+                        self._calm_down("rapid_reset")
+                        return
             elif isinstance(event, h2.events.WindowUpdated):
                 self.pump_stream(event.stream_id)
             elif isinstance(event, h2.events.RemoteSettingsChanged):
                 self.pump_all()
+                if not self._count_control():
+                    return
+            elif isinstance(event, h2.events.PingReceived):
+                if not self._count_control():
+                    return
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.closing = True
                 if not self.exchanges:
                     self.transport.loseConnection()
+        # Streams are opened towards the shard only after the whole read was handled, so a
+        # stream the client reset in the same read never reaches the shard (CVE-2023-44487).
+        to_open, self.to_open = self.to_open, []
+        for exchange, open_ in to_open:
+            if not exchange.finished:
+                open_()
         self.flush_both()
+
+    def _take_reset(self) -> bool:
+        """Spend one reset of the client's budget (a token bucket); False when none is left."""
+        now = self.reactor.seconds()
+        self.reset_tokens = min(self.reset_burst, self.reset_tokens + (now - self.reset_stamp) * self.reset_rate)
+        self.reset_stamp = now
+        if self.reset_tokens < 1:
+            return False
+        self.reset_tokens -= 1
+        return True
+
+    def _count_control(self) -> bool:
+        """A PING or SETTINGS that h2 acknowledges: bounded while the client reads nothing."""
+        if not self.write_paused:
+            return True
+        self.pending_control += 1
+        if self.pending_control > self.max_pending_control:
+            self._calm_down("control_flood")
+            return False
+        return True
+
+    def _calm_down(self, kind: str) -> None:
+        """GOAWAY ENHANCE_YOUR_CALM and close: the client abuses the protocol."""
+        metrics.H2_ABUSE.labels(kind=kind).inc()
+        self.log.info("h2 client {client} closed: {kind}", client=self._client_ip(), kind=kind)
+        self.to_open = []
+        try:
+            self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.flush()
+        except h2.exceptions.ProtocolError:
+            pass
+        if kind == "control_flood":
+            self.transport.abortConnection()  # it does not read: nothing more would go out
+        else:
+            self.transport.loseConnection()
+        for exchange in list(self.exchanges.values()):
+            exchange.client_reset()
+
+    def resumeProducing(self) -> None:
+        self.pending_control = 0
+        super().resumeProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -779,7 +839,8 @@ class H2FrontConnection(_H2Peer):
         private = not self.route.port.public
         pseudo: dict[bytes, bytes] = {}
         regular: list[tuple[bytes, bytes]] = []
-        authorization = accept = content_type = None
+        authorization = accept = content_type = content_length = None
+        hosts: list[bytes] = []
         cookies: list[bytes] = []
         forwarded_for: list[bytes] = []
         forwarded: list[bytes] = []
@@ -807,21 +868,53 @@ class H2FrontConnection(_H2Peer):
             elif name == b"forwarded":
                 forwarded.append(value)
                 continue
-            elif name in (b"x-forwarded-proto", b"x-forwarded-host", b"host"):
+            elif name == b"host":
+                hosts.append(value)
                 continue
+            elif name in (b"x-forwarded-proto", b"x-forwarded-host", b"http2-settings") or name.startswith(b"proxy-"):
+                continue
+            elif name == b"expect" and self.pool is not None:
+                continue
+            elif name == b"content-length":
+                content_length = value
+                if self.pool is not None:
+                    continue  # the HTTP/1.1 upstream writes its own framing
+            elif name == b"te" and self.pool is not None:
+                continue  # "te: trailers" means nothing to an HTTP/1.1 hop
             regular.append((name, value))
         method = pseudo.get(b":method", b"GET")
         path = pseudo.get(b":path", b"/")
         authority = pseudo.get(b":authority", b"")
-        exchange = _Exchange(self, stream_id, method, path, accept,
-                             grpc=(content_type or b"").startswith(b"application/grpc"))
+        problem = h2_target_problem(method, path)
+        if problem is None and len(hosts) > 1:
+            problem = "more than one host field"
+        if problem is None and hosts and authority and hosts[0] != authority:
+            problem = "host differs from :authority"
+        if problem is not None:
+            # RFC 9113 8.1.1: a malformed request is a stream error, never a request upstream.
+            metrics.HTTP_REJECTED.labels(reason="bad_request").inc()
+            self.log.info("h2 request from {client} refused: {problem}", client=self._client_ip(), problem=problem)
+            self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        authority = authority or (hosts[0] if hosts else b"")
+        exchange_class = _Exchange if self.pool is None else _h1_exchange_class()
+        exchange = exchange_class(self, stream_id, method, path, accept,
+                                  grpc=(content_type or b"").startswith(b"application/grpc"))
         self.exchanges[stream_id] = exchange
+        host = authority_host(authority)
+        if host is None or (self.server_name and host != self.server_name):
+            metrics.HTTP_REJECTED.labels(reason="misdirected" if host else "bad_request").inc()
+            self.answer(exchange, Answer(421 if host else 400, (), (
+                "misdirected" if host else "bad_request",
+                ":authority names another host than the TLS name" if host else "no valid :authority")))
+            return
         if method == b"CONNECT":
             self.answer(exchange, Answer(405, ((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),),
                                          ("method_not_allowed", "CONNECT is not proxied to shards")))
             return
         if method == b"GET" and path.split(b"?", 1)[0] == b"/auth-redirect":
-            self.answer(exchange, auth_redirect(self.ctx, path.decode("latin-1").partition("?")[2]))
+            self.answer(exchange, auth_redirect(self.ctx, path.decode("latin-1").partition("?")[2],
+                                                self.route.shard.task))
             return
         decision = None
         token = None
@@ -839,15 +932,32 @@ class H2FrontConnection(_H2Peer):
             self.answer(exchange, Answer(429, ((b"retry-after", retry_after_header(wait)),),
                                          ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s")))
             return
+        limit = self.ctx.max_body(self.route)
+        declared = int(content_length) if content_length is not None and content_length.isdigit() else None
+        if limit and declared is not None and declared > limit:
+            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+            self.answer(exchange, Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            return
+        trusted = self.ctx.trusted(client_ip)
+        forwarding = forwarding_headers(forwarded_for if trusted else [], forwarded if trusted else [],
+                                        client_ip, authority)
+        if self.pool is not None:
+            fields = [(b"host", authority)] + regular + forwarding
+            opener: Callable[[], None] = lambda: exchange.begin(fields, declared, ended)  # type: ignore[attr-defined]
+            self.to_open.append((exchange, opener))
+            return
         out = [(b":method", method), (b":scheme", pseudo.get(b":scheme", b"https")),
                (b":authority", authority), (b":path", path)]
         out += regular
-        out += forwarding_headers(forwarded_for, forwarded, client_ip, authority)
-        shard = self._shard()
-        exchange.shard = shard
+        out += forwarding
         exchange.headers_only = ended
         exchange.request_headers = out
-        shard.open(exchange, out, end_stream=ended)
+
+        def open_on_shard() -> None:
+            shard = self._shard()
+            exchange.shard = shard
+            shard.open(exchange, out, end_stream=ended)
+        self.to_open.append((exchange, open_on_shard))
 
     def _client_ip(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -887,7 +997,9 @@ class H2FrontConnection(_H2Peer):
         exchange.status = answer.status
         metrics.count_request("proxy", answer.status, exchange.method)
         sid = exchange.client_id
-        headers = [(b":status", str(answer.status).encode())] + list(answer.headers)
+        # No field value the gateway writes holds CR, LF or another control byte.
+        headers = [(b":status", str(answer.status).encode())] + [
+            (name, value) for name, value in answer.headers if _value_ok(value)]
         body = b""
         if exchange.grpc and answer.error is not None:
             # A gRPC client reads the outcome from grpc-status, in a trailers-only response.
@@ -951,6 +1063,15 @@ class H2FrontConnection(_H2Peer):
                 self._arm_idle()
 
 
+def _value_ok(value: bytes) -> bool:
+    return all(c >= 0x20 or c == 0x09 for c in value) and 0x7F not in value
+
+
+def _h1_exchange_class() -> Any:
+    from twisted_gateway.http.h2toh1 import H1StreamExchange  # it builds on this module
+    return H1StreamExchange
+
+
 def _grpc_message(text: str) -> bytes:
     """Percent-encode a grpc-message value (gRPC over HTTP/2, "Responses")."""
     out = bytearray()
@@ -970,7 +1091,7 @@ class H2PortProtocol(Protocol):
     """
 
     def __init__(self, make_h2: Callable[[], Protocol],
-                 make_h1: Callable[[H2Upstream], Protocol], upstream: H2Upstream,
+                 make_h1: Callable[[H2Upstream | None], Protocol], upstream: H2Upstream | None,
                  chosen: Callable[[Any], None]) -> None:
         self._make_h2, self._make_h1, self._upstream, self._chosen = make_h2, make_h1, upstream, chosen
         self.inner: Any = None
@@ -988,7 +1109,8 @@ class H2PortProtocol(Protocol):
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._upstream.close()
+        if self._upstream is not None:
+            self._upstream.close()
         if self.inner is not None:
             self.inner.connectionLost(reason)
 
@@ -1189,7 +1311,7 @@ class H2Upstream:
         self.shard: ShardConnection | None = None
 
     def request(self, address: str, port: int, method: bytes, path: bytes,
-                headers: list[tuple[bytes, bytes]], body: Any = None) -> Deferred:
+                headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
         shard = self._connection(address, port)
         authority = b""
         fields = []

@@ -1,62 +1,50 @@
 """
-The reverse proxy for shard ports declared ``http/1.1`` (and for HTTP/1.1 clients of ``h2``
-ports, see L{twisted_gateway.http.h2proxy}).
+The reverse proxy for HTTP/1.1 clients of shard ports (``http/1.1`` ports, and HTTP/1.1 clients
+of ``h2`` ports through L{twisted_gateway.http.h2proxy.H2Upstream}).
 
-Clients speak HTTP/1.1 or h2 (twisted.web serves both, chosen by ALPN); the shard is spoken to
-in HTTP/1.1 through a keep-alive connection pool (L{twisted_gateway.http.upstream}, keyed by shard address
-and port).  Responses stream to the client with backpressure; private ports require a JWT (see
-L{twisted_gateway.http.auth}); a websocket upgrade is forwarded and, once the shard answers,
-the connection becomes a splice.
+Requests are read with L{twisted_gateway.http.h1parse} (httptools, strict), one at a time, and
+each is checked by the gate (L{twisted_gateway.http.policy}) before anything reaches the shard.
+The gateway owns the framing both ways: the shard gets one canonical Content-Length or chunked
+framing computed from the parsed message, and never more body bytes than it declares; the client
+gets the response with the gateway's framing, hop-by-hop fields removed.  A connection becomes a
+tunnel only when the shard answers ``101 Switching Protocols`` to a websocket upgrade the gateway
+forwarded; until then the client's next bytes wait, and any other answer leaves the connection
+HTTP with every check applied to its next request.
 """
 
 from __future__ import annotations
 
-import io
 import time
+from collections import deque
 from typing import Any
-from urllib.parse import urlsplit
 
-from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web._newclient import (
-    RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived,
-)
-from twisted.web.client import FileBodyProducer
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
-from twisted.web.resource import Resource
-from twisted.web.iweb import IBodyProducer
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import AuthDecision, TokenVerifier
-from twisted_gateway.http.errors import negotiate, quiet_site, write_error
+from twisted_gateway.http.errors import negotiate, render_error
+from twisted_gateway.http.framing import client_fields_for_shard, response_fields_for_client, safe_phrase
+from twisted_gateway.http.h1parse import END, RequestHead, RequestReader, Rejected, Stopped
 from twisted_gateway.http.policy import (
-    HOP_BY_HOP, Answer, auth_redirect, authorize, forwarding_headers, rate_limit_wait, refusal, request_token,
-    strip_cookie,
+    Answer, auth_redirect, authorize, rate_limit_wait, refusal, request_token,
 )
-from twisted_gateway.http.upstream import UpstreamPool
-from twisted_gateway.limits import retry_after_header
-from twisted_gateway.splice import Splice
+from twisted_gateway.http.upstream import UpstreamPool, upstream_failure_answer
+from twisted_gateway.limits import in_networks, parse_networks, retry_after_header
+from twisted_gateway.splice import Splice, UpstreamSide
 
-_BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
-
-
-# Replaced by the gateway's own values (http/policy.py, forwarding_headers).
-_REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
-
-
-def _hop_by_hop(headers: Any) -> set[bytes]:
-    names = set(HOP_BY_HOP)
-    for value in headers.getRawHeaders(b"connection", []):
-        names.update(v.strip().lower() for v in value.split(b",") if v.strip())
-    return names
+_REASONS = {100: b"Continue", 200: b"OK", 204: b"No Content", 307: b"Temporary Redirect",
+            400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+            405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+            421: b"Misdirected Request", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+            500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+            503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
 
 
 class HTTPRouteContext:
@@ -64,7 +52,10 @@ class HTTPRouteContext:
 
     def __init__(self, reactor: Any, hostname: str, verifier: TokenVerifier | None,
                  connect_timeout: float, response_timeout: float, signin_url: str | None,
-                 cookie_name: str, cookie_max_age: int, pool_size: int = 64) -> None:
+                 cookie_name: str, cookie_max_age: int, pool_size: int = 64,
+                 limits: Any = None, trusted_proxies: tuple[str, ...] = (),
+                 tunnel_idle_timeout: float = 3600.0) -> None:
+        from twisted_gateway.config import LimitsConfig
         self.reactor = reactor
         self.hostname = hostname
         self.verifier = verifier
@@ -73,341 +64,21 @@ class HTTPRouteContext:
         self.signin_url = signin_url
         self.cookie_name = cookie_name.encode()
         self.cookie_max_age = cookie_max_age
+        self.limits = limits if limits is not None else LimitsConfig()
+        self.trusted_networks = parse_networks(trusted_proxies)
+        self.tunnel_idle_timeout = tunnel_idle_timeout
         # Set by the gateway: the admission state in force (rate limits), swapped on reload.
         self.admission: Any = None
         self.access_log = True
         self.upstream = UpstreamPool(reactor, connect_timeout, pool_size)
 
-    def token_of(self, request: Any) -> str | None:
-        return request_token(request.getHeader(b"authorization"),
-                             request.requestHeaders.getRawHeaders(b"cookie", []), self.cookie_name)
+    def trusted(self, client_ip: str) -> bool:
+        return bool(self.trusted_networks) and in_networks(client_ip, self.trusted_networks)
 
-    def url_is_ours(self, url: str) -> bool:
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            return False
-        host = (parts.hostname or "").lower()
-        return parts.scheme == "https" and (host == self.hostname or host.endswith("." + self.hostname))
-
-
-class _BodyForwarder(Protocol):
-    """Streams an upstream response body to the client request, with backpressure."""
-
-    def __init__(self, request: Any) -> None:
-        self.request = request
-        self.done = False
-
-    def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.done:
-            self.request.write(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self.done:
-            return
-        self.done = True
-        self.request.unregisterProducer()
-        if reason.check(ResponseFailed, ierror.ConnectionLost) and not reason.check(http.PotentialDataLoss):
-            # The shard broke off mid-body: abort so the client sees a truncated response, not
-            # a complete one.
-            self.request.channel.transport.abortConnection() if self.request.channel else None
-            return
-        self.request.finish()
-
-    def stop(self) -> None:
-        if not self.done and self.transport is not None:
-            self.done = True
-            self.transport.stopProducing()
-
-
-class ProxyResource(Resource):
-    isLeaf = True
-    log = Logger()
-
-    def __init__(self, route: Route, ctx: HTTPRouteContext, upstream: Any = None) -> None:
-        super().__init__()
-        self.route = route
-        self.ctx = ctx
-        # The shard is spoken to in HTTP/1.1 through the shared pool, or for h2 ports through
-        # the client connection's own h2 upstream (L{twisted_gateway.http.h2proxy.H2Upstream}).
-        self.upstream = upstream if upstream is not None else ctx.upstream
-        self.websockets = upstream is None
-
-    # -- entry ----------------------------------------------------------------------------------
-
-    def start_stream(self, request: StreamingProxyRequest) -> StreamingBody | None:
-        """
-        Called with the first chunk of a request body: check the request and start forwarding
-        it, so the body streams to the shard as it arrives.  Returns the body pipe, or None
-        when the body should be kept for L{render} (refused or special requests).
-        """
-        if request.path == b"/auth-redirect" or (self.websockets and request.requestHeaders.hasHeader(b"upgrade")):
-            return None
-        decision = None
-        if not self.route.port.public:
-            decision = self._authorize(request)
-            if not decision.allowed:
-                request.refusal = decision
-                return None
-        wait = self._rate_limited(request, decision)
-        if wait:
-            request.rate_limited = wait
-            return None
-        channel = request.channel
-        if isinstance(channel, http.HTTPChannel):
-            pause, resume = channel.transport.pauseProducing, channel.transport.resumeProducing
-        else:  # an h2 stream: pausing withholds its flow-control window
-            pause, resume = channel.pauseProducing, channel.resumeProducing
-        body = StreamingBody(request.declared_length, pause, resume)
-        self._forward(request, body)
-        return body
-
-    def _access_log(self, request: Any, started: float) -> None:
-        self.log.info(
-            "access {client} {method} {path} -> {status} shard={shard} port={port} "
-            "bytes={bytes} duration={duration:.3f}",
-            event_kind="http_access", client=getattr(request.getClientAddress(), "host", "?"),
-            method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
-            status=request.code, shard=self.route.shard.id, port=self.route.port.port,
-            bytes=request.sentLength, duration=time.monotonic() - started)
-
-    def render(self, request: Any) -> Any:
-        # render runs once the whole request has arrived.
-        if self.ctx.access_log:
-            started = time.monotonic()
-            request.notifyFinish().addBoth(lambda _: self._access_log(request, started))
-        streamed = getattr(request, "body", None)
-        received = getattr(request, "received", None)
-        if streamed is not None:
-            # The whole body has been passed on: end it and let the response through.
-            streamed.finish()
-        if received is not None and not received.called:
-            received.callback(None)
-        if streamed is not None:
-            return NOT_DONE_YET
-        if request.path == b"/auth-redirect" and request.method == b"GET":
-            return self._auth_redirect(request)
-        refused = getattr(request, "refusal", None)
-        if refused is not None:
-            return self._refuse(request, refused)
-        wait = getattr(request, "rate_limited", 0.0)
-        if wait:
-            return self._too_many(request, wait)
-        decision = None
-        if not self.route.port.public:
-            decision = self._authorize(request)
-            if not decision.allowed:
-                return self._refuse(request, decision)
-        wait = self._rate_limited(request, decision)
-        if wait:
-            return self._too_many(request, wait)
-        if self.websockets and request.requestHeaders.hasHeader(b"upgrade") \
-                and request.clientproto == b"HTTP/1.1" and isinstance(request.channel, http.HTTPChannel):
-            return self._upgrade(request)
-        return self._forward(request)
-
-    def _finish_error(self, request: Any, status: int, code: str, message: str) -> bytes:
-        metrics.count_request("proxy", status, request.method)
-        return write_error(request, status, code, message)
-
-    # -- authorization --------------------------------------------------------------------------
-
-    def _authorize(self, request: Any) -> AuthDecision:
-        return authorize(self.ctx, self.ctx.token_of(request), self.route.shard.task)
-
-    def _refuse(self, request: Any, decision: AuthDecision) -> bytes:
-        original = f"https://{request.getRequestHostname().decode()}" \
-                   f"{self._port_suffix(request)}{request.uri.decode('latin-1')}"
-        wants_html = negotiate(request.getHeader(b"accept")) == "html"
-        return self._answer(request, refusal(self.ctx, decision, request.method, wants_html, original))
-
-    def _answer(self, request: Any, answer: Answer) -> bytes:
-        for name, value in answer.headers:
-            request.setHeader(name, value)
-        if answer.error is not None:
-            return self._finish_error(request, answer.status, *answer.error)
-        request.setResponseCode(answer.status)
-        metrics.count_request("proxy", answer.status, request.method)
-        return b""
-
-    def _rate_limited(self, request: Any, decision: AuthDecision | None) -> float:
-        """0, or the seconds until this client (IP, then token subject) may send again."""
-        ip = getattr(request.getClientAddress(), "host", "?")
-        return rate_limit_wait(self.ctx, ip, decision, lambda: self.ctx.token_of(request))
-
-    def _too_many(self, request: Any, wait: float) -> bytes:
-        request.setHeader(b"retry-after", retry_after_header(wait))
-        return self._finish_error(request, 429, "rate_limited",
-                                  f"too many requests: retry in {max(1, round(wait))} s")
-
-    def _port_suffix(self, request: Any) -> str:
-        port = request.getHost().port
-        return "" if port == 443 else f":{port}"
-
-    def _auth_redirect(self, request: Any) -> bytes:
-        return self._answer(request, auth_redirect(self.ctx, request.uri.decode("latin-1").partition("?")[2]))
-
-    # -- forwarding -------------------------------------------------------------------------------
-
-    def _upstream_headers(self, request: Any) -> list[tuple[bytes, bytes]]:
-        """The request's fields for the shard, as name/value pairs: hop-by-hop fields, Expect
-        and (on private ports) the token removed, the forwarding fields replaced."""
-        incoming: Headers = request.requestHeaders
-        drop = _hop_by_hop(incoming) | _REPLACED
-        # The gateway has read the whole body already (it answered any 100-continue itself).
-        drop.add(b"expect")
-        if not self.route.port.public:
-            drop.add(b"authorization")
-        out: list[tuple[bytes, bytes]] = []
-        has_host = False
-        for name, values in incoming.getAllRawHeaders():
-            lname = name.lower()
-            if lname in drop:
-                continue
-            if lname == b"cookie":
-                values = [v for v in (strip_cookie(v, self.ctx.cookie_name) for v in values) if v]
-            elif lname == b"host":
-                has_host = True
-            out.extend((name, value) for value in values)
-        client = request.getClientAddress()
-        client_ip = getattr(client, "host", "unknown")
-        host = request.getHeader(b"host") or request.getRequestHostname()
-        out += forwarding_headers(incoming.getRawHeaders(b"x-forwarded-for", []),
-                                  incoming.getRawHeaders(b"forwarded", []), client_ip, host)
-        if not has_host:
-            out.append((b"Host", host))
-        return out
-
-    def _forward(self, request: Any, body: Any = None) -> Any:
-        shard, port = self.route.shard, self.route.port
-        if body is None:
-            content = request.content
-            content.seek(0, 2)
-            length = content.tell()
-            content.seek(0)
-            if length or request.method not in _BODYLESS:
-                body = FileBodyProducer(content)
-        started = time.monotonic()
-        d = self.upstream.request(shard.address, port.target_port, request.method, request.uri,
-                                      self._upstream_headers(request), body)
-        timed_out: list[bool] = []
-
-        def time_out() -> None:
-            timed_out.append(True)
-            d.cancel()
-        timers: list[Any] = []
-
-        def start_timer(_: Any = None) -> None:
-            # The response timeout runs from the end of the request: a long upload is not
-            # the shard being slow.
-            if not d.called:
-                timers.append(self.ctx.reactor.callLater(self.ctx.response_timeout, time_out))
-        received = getattr(request, "received", None)
-        if isinstance(body, StreamingBody) and received is not None and not received.called:
-            received.addCallback(start_timer)
-        else:
-            start_timer()
-
-        def settled(result: Any) -> Any:
-            for timer in timers:
-                if timer.active():
-                    timer.cancel()
-            return result
-        d.addBoth(settled)
-        forwarder = _BodyForwarder(request)
-        finished = request.notifyFinish()
-        finished.addErrback(lambda _: (d.cancel(), forwarder.stop()))
-        d.addCallbacks(self._got_response, self._upstream_error,
-                       callbackArgs=(request, forwarder, started), errbackArgs=(request, timed_out))
-        d.addErrback(lambda f: self.log.failure("proxying failed", f))
-        return NOT_DONE_YET
-
-    def _got_response(self, response: Any, request: Any, forwarder: _BodyForwarder, started: float) -> None:
-        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - started)
-        received = getattr(request, "received", None)
-        if received is not None and not received.called:
-            # The shard answered before the client finished sending: hold the response (the
-            # shard's socket buffers it) until the request is complete, as HTTP/1.1 needs.
-            received.addCallback(lambda _: self._got_response(response, request, forwarder, started))
-            return
-        if request._disconnected:
-            response.deliverBody(Protocol())
-            return
-        request.setResponseCode(response.code, response.phrase)
-        drop = _hop_by_hop(response.headers)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in drop and name.lower() not in (b"content-length",):
-                request.responseHeaders.setRawHeaders(name, values)
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-            request.setHeader(b"content-length", str(response.length).encode())
-        elif request.method == b"HEAD" and response.headers.hasHeader(b"content-length"):
-            request.responseHeaders.setRawHeaders(b"content-length", response.headers.getRawHeaders(b"content-length"))
-        metrics.count_request("proxy", response.code, request.method)
-        response.deliverBody(forwarder)
-
-    def _upstream_error(self, failure: Failure, request: Any, timed_out: list[bool]) -> None:
-        received = getattr(request, "received", None)
-        if received is not None and not received.called:
-            body = getattr(request, "body", None)
-            if body is not None:
-                body.discard()
-            received.addCallback(lambda _: self._upstream_error(failure, request, timed_out))
-            return
-        if request._disconnected:
-            return
-        shard = self.route.shard
-        if timed_out or failure.check(CancelledError, ierror.TimeoutError, ierror.TCPTimedOutError):
-            status, code, message = 504, "upstream_timeout", \
-                f"shard {shard.id} did not answer within the timeout"
-            reason = "timeout"
-        elif failure.check(ierror.ConnectionRefusedError):
-            status, code, message = 502, "upstream_refused", f"shard {shard.id} refused the connection"
-            reason = "refused"
-        elif failure.check(ierror.ConnectError, ierror.DNSLookupError):
-            status, code, message = 502, "upstream_unreachable", f"shard {shard.id} is unreachable"
-            reason = "unreachable"
-        elif failure.check(ResponseNeverReceived, RequestTransmissionFailed, RequestGenerationFailed,
-                           ResponseFailed):
-            status, code, message = 502, "upstream_reset", f"shard {shard.id} closed the connection"
-            reason = "error"
-        else:
-            status, code, message = 502, "upstream_error", f"shard {shard.id} failed"
-            reason = "error"
-        if reason in ("timeout", "refused", "unreachable"):
-            metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
-        self.log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})", shard=shard.id,
-                      address=shard.address, port=self.route.port.target_port, code=code,
-                      error=failure.getErrorMessage())
-        body = self._finish_error(request, status, code, message)
-        request.write(body)
-        request.finish()
-
-    # -- websocket ------------------------------------------------------------------------------
-
-    def _upgrade(self, request: Any) -> Any:
-        """Replay the upgrade request to the shard and turn the connection into a splice."""
-        headers = self._upstream_headers(request)
-        # Keep the upgrade negotiation itself.
-        headers.append((b"Connection", b"Upgrade"))
-        headers.extend((b"Upgrade", v) for v in request.requestHeaders.getRawHeaders(b"upgrade", []))
-        head = [request.method + b" " + request.uri + b" HTTP/1.1"]
-        head.extend(name + b": " + value for name, value in headers)
-        preamble = b"\r\n".join(head) + b"\r\n\r\n"
-        request.content.seek(0)
-        preamble += request.content.read()
-        channel = request.channel
-        channel.setTimeout(None)
-        tls = channel.transport  # the gateway's TLSServerConnection
-        tls.unregisterProducer()
-        splice = Splice(self.route, self.ctx.reactor, self.ctx.connect_timeout, 3600.0,
-                        preamble=preamble)
-        splice.connect()
-        tls.switch_protocol(splice.client)
-        metrics.count_request("proxy", 101, request.method)
-        return NOT_DONE_YET
+    def max_body(self, route: Route) -> int:
+        """The largest request body for C{route} (0: no limit)."""
+        own = route.port.max_body_bytes
+        return self.limits.max_body_bytes if own is None else own
 
 
 @implementer(IBodyProducer)
@@ -486,48 +157,568 @@ class StreamingBody:
         self._consumer = None
 
 
-class StreamingProxyRequest(Request):
-    """A twisted.web request whose body is streamed to the shard instead of spooled."""
+class _ResponseRelay(Protocol):
+    """Streams the shard's response body to the client with the gateway's framing."""
 
-    body: StreamingBody | None = None
-    refusal: AuthDecision | None = None
-    rate_limited: float = 0.0
-    declared_length: int | None = None
+    def __init__(self, exchange: _Exchange, chunked: bool) -> None:
+        self.exchange = exchange
+        self.chunked = chunked
+        self.done = False
 
-    def __init__(self, resource: ProxyResource, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.proxy = resource
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        client = self.exchange.conn.transport
+        if client is not None:
+            client.registerProducer(transport, True)
 
-    def gotLength(self, length: int | None) -> None:
-        self.declared_length = length
-        self.content = io.BytesIO()
-        self.received = Deferred()
-        self._started = False
+    def dataReceived(self, data: bytes) -> None:
+        if self.done or not data:
+            return
+        client = self.exchange.conn.transport
+        if client is None:
+            return
+        self.exchange.sent += len(data)
+        client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
-    def handleContentChunk(self, data: bytes) -> None:
-        if not self._started:
-            self._started = True
-            self._learn_request_line()
-            self.body = self.proxy.start_stream(self)
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done:
+            return
+        self.done = True
+        client = self.exchange.conn.transport
+        if client is not None:
+            client.unregisterProducer()
+        if reason is not None and not reason.check(ResponseDone):
+            # The shard broke off mid-body: the client sees a cut connection, never a short
+            # body that looks whole.
+            self.exchange.finish("upstream_reset", keep_alive=False, abort=True)
+            return
+        if self.chunked and client is not None:
+            client.write(b"0\r\n\r\n")
+        self.exchange.finish("ok")
+
+    def stop(self) -> None:
+        if not self.done:
+            self.done = True
+            if self.transport is not None:
+                self.transport.stopProducing()
+
+
+class _Exchange:
+    """One request of a client connection and its answer."""
+
+    def __init__(self, conn: H1ProxyConnection, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.started = time.monotonic()
+        self.body: StreamingBody | None = None
+        self.received = 0
+        self.request_done = False
+        self.response_started = False
+        self.finished = False
+        self.upgrade = False
+        self.status = 0
+        self.sent = 0
+        self.keep_alive = head.keep_alive
+        self.deferred: Deferred | None = None
+        self.relay: _ResponseRelay | None = None
+        self.timer: Any = None
+        self.timed_out = False
+        self.client_ip = conn.client_ip
+
+    # -- the gate ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        conn, head, ctx, route = self.conn, self.head, self.conn.ctx, self.conn.route
+        if head.path == b"/auth-redirect" and head.method == b"GET":
+            query = head.target.decode("latin-1").partition("?")[2]
+            self.answer(auth_redirect(ctx, query, route.shard.task))
+            return
+        decision: AuthDecision | None = None
+        token = None
+        if not route.port.public:
+            token = request_token(self._field(b"authorization"), self._fields(b"cookie"), ctx.cookie_name)
+            decision = authorize(ctx, token, route.shard.task)
+            if not decision.allowed:
+                original = f"https://{head.host.decode('latin-1')}{head.target.decode('latin-1')}"
+                wants_html = negotiate(self._field(b"accept")) == "html"
+                self.answer(refusal(ctx, decision, head.method, wants_html, original))
+                return
+        wait = rate_limit_wait(ctx, self.client_ip, decision, lambda: token)
+        if wait:
+            self.answer(Answer(429, ((b"retry-after", retry_after_header(wait)),),
+                               ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s")))
+            return
+        limit = ctx.max_body(route)
+        if limit and head.length is not None and head.length > limit:
+            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+            self.answer(Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            return
+        self.upgrade = (conn.websockets and head.method == b"GET" and b"websocket" in head.upgrade
+                        and head.version == "1.1")
+        fields = client_fields_for_shard(
+            head.fields, head.host, private=not route.port.public, cookie_name=ctx.cookie_name,
+            client_ip=self.client_ip, trusted=ctx.trusted(self.client_ip), upgrade=self.upgrade)
+        if head.body != "none":
+            self.body = StreamingBody(head.length, lambda: conn.pause("body"), lambda: conn.resume("body"))
+            if head.expect_continue:
+                # The request passed the gate: let the client send its body (RFC 9110 10.1.1).
+                conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        shard, port = route.shard, route.port
+        d = conn.upstream.request(shard.address, port.target_port, head.method, head.target, fields,
+                                  self.body, upgrade=self.upgrade)
+        self.deferred = d
+        d.addCallbacks(self._got_response, self._upstream_failed)
+        d.addErrback(lambda f: conn.log.failure("proxying failed", f))
+        if self.body is None:
+            self.request_ended()
+
+    def _field(self, name: bytes) -> bytes | None:
+        for n, v in self.head.fields:
+            if n.lower() == name:
+                return v
+        return None
+
+    def _fields(self, name: bytes) -> list[bytes]:
+        return [v for n, v in self.head.fields if n.lower() == name]
+
+    # -- the request body ----------------------------------------------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        self.received += len(data)
+        limit = self.conn.ctx.max_body(self.conn.route)
+        if limit and self.received > limit:
+            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+            self.abandon_upstream()
+            self.answer(Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            return
         if self.body is not None:
             self.body.write(data)
-        elif self.refusal is None and not self.rate_limited:
-            # Kept for render (an /auth-redirect or upgrade request): bounded like the API.
-            if self.content.tell() < 1024 * 1024:
-                self.content.write(data)
 
-    def _learn_request_line(self) -> None:
-        channel = self.channel
-        if isinstance(channel, http.HTTPChannel):
-            self.method, uri, self.clientproto = channel._command, channel._path, channel._version
+    def request_ended(self) -> None:
+        self.request_done = True
+        if self.body is not None:
+            self.body.finish()
+        if not self.response_started and not self.finished and self.timer is None:
+            # The response timeout runs from the end of the request: a long upload is not the
+            # shard being slow.
+            self.timer = self.conn.reactor.callLater(self.conn.ctx.response_timeout, self._time_out)
+
+    def broken(self, rejected: Rejected) -> None:
+        """The body's framing broke mid-request: the shard request is abandoned."""
+        self.abandon_upstream()
+        self.conn.count_rejected(rejected)
+        self.answer(Answer(rejected.status, (), (rejected.reason, rejected.message)))
+
+    def abandon_upstream(self) -> None:
+        self.keep_alive = False
+        if self.body is not None:
+            self.body.discard()
+        if self.relay is not None:
+            self.relay.stop()
+        d, self.deferred = self.deferred, None
+        if d is not None and not d.called:
+            d.cancel()
+
+    def _time_out(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        d = self.deferred
+        if d is not None and not d.called:
+            d.cancel()
+
+    # -- the response --------------------------------------------------------------------------
+
+    def _got_response(self, response: Any) -> None:
+        self._cancel_timer()
+        conn = self.conn
+        if self.finished or conn.transport is None:
+            response.deliverBody(Protocol())
+            return
+        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.started)
+        code = response.code
+        self.status = code
+        self.response_started = True
+        metrics.count_request("proxy", code, self.head.method)
+        if code == 101:
+            self._tunnel(response)
+            return
+        client_11 = self.head.version == "1.1"
+        lines = [b"HTTP/1.1 %d %s" % (code, safe_phrase(response.phrase, _REASONS.get(code, b"")))]
+        fields = response_fields_for_client(response.headers.pairs)
+        bodyless = self.head.method == b"HEAD" or code in (204, 304)
+        chunked = False
+        if bodyless:
+            if code != 204:
+                lines += [b"Content-Length: " + v.strip() for v in
+                          response.headers.getRawHeaders(b"content-length", [])[:1] if v.strip().isdigit()]
+        elif response.length is not UNKNOWN_LENGTH:
+            lines.append(b"Content-Length: %d" % response.length)
+        elif client_11:
+            chunked = True
+            lines.append(b"Transfer-Encoding: chunked")
         else:
-            self.method, uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
-        self.uri = uri
-        self.path = uri.split(b"?", 1)[0]
+            self.keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
+        if not self.request_done:
+            self.keep_alive = False  # the rest of the request body will not be read
+        if conn.draining:
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append(b"Connection: close")
+        elif not client_11:
+            lines.append(b"Connection: keep-alive")
+        lines += [name + b": " + value for name, value in fields]
+        conn.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self.relay = _ResponseRelay(self, chunked)
+        response.deliverBody(self.relay)
+
+    def _tunnel(self, response: Any) -> None:
+        """The shard switched to the websocket protocol the gateway asked for."""
+        conn = self.conn
+        lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade", b"Upgrade: websocket"]
+        lines += [name + b": " + value for name, value in response_fields_for_client(response.headers.pairs)]
+        tls = conn.transport
+        tls.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self.finished = True
+        metrics.HTTP_TUNNELS.inc()
+        conn.become_tunnel(self, response)
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._cancel_timer()
+        if self.finished:
+            return
+        route = self.conn.route
+        status, code, message, reason = upstream_failure_answer(failure, route.shard.id, self.timed_out)
+        if reason in ("timeout", "refused", "unreachable"):
+            metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
+        self.conn.log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})", shard=route.shard.id,
+                           address=route.shard.address, port=route.port.target_port, code=code,
+                           error=failure.getErrorMessage())
+        if self.body is not None:
+            self.body.discard()
+        if self.response_started:
+            self.finish("upstream_reset", keep_alive=False, abort=True)
+            return
+        self.answer(Answer(status, (), (code, message)))
+
+    def answer(self, answer: Answer) -> None:
+        """Answer without the shard: a refusal, a redirect, a rejection or an upstream failure."""
+        if self.finished or self.conn.transport is None:
+            return
+        if self.response_started:
+            self.finish("error", keep_alive=False, abort=True)
+            return
+        self.response_started = True
+        self.status = answer.status
+        if not self.request_done:
+            self.keep_alive = False  # its body is not read: the connection cannot carry another
+        self.conn.write_answer(answer, self.head.method, self._field(b"accept"), self.head.version,
+                               self.keep_alive)
+        self.finish("answered")
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def finish(self, outcome: str, keep_alive: bool = True, abort: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timer()
+        if self.body is not None and not self.request_done:
+            self.body.discard()
+        self.conn.exchange_done(self, self.keep_alive and keep_alive, abort)
 
 
-def proxy_site(route: Route, ctx: HTTPRouteContext, upstream: Any = None) -> Site:
-    resource = ProxyResource(route, ctx, upstream)
-    site = quiet_site(resource)
-    site.requestFactory = lambda *args, **kwargs: StreamingProxyRequest(resource, *args, **kwargs)
-    return site
+class H1ProxyConnection(Protocol):
+    """An HTTP/1.1 client connection to a shard port, proxied request by request."""
+
+    log = Logger()
+
+    def __init__(self, route: Route, ctx: HTTPRouteContext, server_name: str, upstream: Any = None,
+                 websockets: bool = True) -> None:
+        self.route = route
+        self.ctx = ctx
+        self.reactor = ctx.reactor
+        self.server_name = server_name
+        self.upstream = upstream if upstream is not None else ctx.upstream
+        self.websockets = websockets and upstream is None
+        limits = ctx.limits
+        self.reader = RequestReader(server_name, limits.max_header_bytes, limits.max_headers)
+        self.events: deque[Any] = deque()
+        self.exchange: _Exchange | None = None
+        self.held: list[bytes] | None = None
+        """Client bytes after a request that asked to switch protocols, until the shard answers."""
+        self.draining = False
+        self.closing = False
+        self.client_ip = "?"
+        self._pauses: set[str] = set()
+        self._idle: Any = None
+        self._head_timer: Any = None
+        self._rate_timer: Any = None
+        self._rate_mark = 0
+        self._paused_in_window = False
+        self.bytes_in_body = 0
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = str(getattr(peer, "host", "?"))
+        self._arm_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.held is not None:
+            self.held.append(data)
+            if sum(map(len, self.held)) > 64 * 1024:
+                self.pause("held")
+            return
+        self._cancel_idle()
+        self.events.extend(self.reader.feed(data))
+        if self.reader.in_head and self._head_timer is None:
+            self._head_timer = self.reactor.callLater(self.ctx.limits.request_head_timeout, self._head_timeout)
+        self._process()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closing = True
+        for timer in (self._idle, self._head_timer, self._rate_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and not exchange.finished:
+            exchange.finished = True
+            exchange._cancel_timer()
+            exchange.abandon_upstream()
+            self._access_log(exchange, "client_gone")
+        self.transport = None
+
+    def drain(self) -> None:
+        """The gateway is stopping: end keep-alive after the request in progress."""
+        self.draining = True
+        if self.exchange is None and self.transport is not None:
+            self.closing = True
+            self.transport.loseConnection()
+
+    # -- pausing the client ----------------------------------------------------------------------
+
+    def pause(self, why: str) -> None:
+        if not self._pauses and self.transport is not None:
+            self.transport.pauseProducing()
+        self._pauses.add(why)
+        self._paused_in_window = True
+
+    def resume(self, why: str) -> None:
+        if why in self._pauses:
+            self._pauses.discard(why)
+            if not self._pauses and self.transport is not None:
+                self.transport.resumeProducing()
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        events = self.events
+        while events and not self.closing:
+            event = events[0]
+            exchange = self.exchange
+            if isinstance(event, RequestHead):
+                if exchange is not None:
+                    break  # pipelined: waits for the response in progress
+                events.popleft()
+                self._cancel_head_timer()
+                self.exchange = exchange = _Exchange(self, event)
+                if event.body != "none":
+                    self._start_rate_check()
+                exchange.start()
+            elif isinstance(event, bytes):
+                events.popleft()
+                if exchange is not None and not exchange.finished:
+                    self.bytes_in_body += len(event)
+                    exchange.body_data(event)
+            elif event is END:
+                events.popleft()
+                self._stop_rate_check()
+                if exchange is not None and not exchange.request_done:
+                    exchange.request_ended()
+            elif isinstance(event, Rejected):
+                if exchange is not None and not exchange.request_done and not exchange.finished:
+                    events.popleft()
+                    exchange.broken(event)
+                elif exchange is not None:
+                    break  # answered once the response in progress is complete
+                else:
+                    events.popleft()
+                    self._reject(event)
+            elif isinstance(event, Stopped):
+                events.popleft()
+                self.held = [event.rest] if event.rest else []
+        if events and isinstance(events[0], (RequestHead, Rejected)):
+            self.pause("pipelined")
+
+    def _reject(self, rejected: Rejected) -> None:
+        self._cancel_head_timer()
+        self.count_rejected(rejected)
+        self.write_answer(Answer(rejected.status, (), (rejected.reason, rejected.message)), b"GET", None,
+                          "1.1", keep_alive=False)
+        self.log.info("refused a request from {client}: {reason} ({message})", client=self.client_ip,
+                      reason=rejected.reason, message=rejected.message)
+        self._close()
+
+    def count_rejected(self, rejected: Rejected) -> None:
+        metrics.HTTP_REJECTED.labels(reason=rejected.reason).inc()
+
+    def exchange_done(self, exchange: _Exchange, keep_alive: bool, abort: bool) -> None:
+        self._access_log(exchange, "ok")
+        if self.exchange is exchange:
+            self.exchange = None
+        self._stop_rate_check()
+        if self.transport is None:
+            return
+        if abort:
+            self.closing = True
+            self.transport.abortConnection()
+            return
+        if not keep_alive or self.draining:
+            self._close()
+            return
+        if self.held is not None:
+            # The shard did not switch protocols: what the client sent next is HTTP again,
+            # read by a new parser and checked like any request.
+            held, self.held = self.held, None
+            limits = self.ctx.limits
+            self.reader = RequestReader(self.server_name, limits.max_header_bytes, limits.max_headers)
+            self.resume("held")
+            for chunk in held:
+                self.events.extend(self.reader.feed(chunk))
+        self.resume("pipelined")
+        self._process()
+        if self.exchange is None and not self.events:
+            if self.reader.in_head and self._head_timer is None:
+                self._head_timer = self.reactor.callLater(self.ctx.limits.request_head_timeout,
+                                                          self._head_timeout)
+            self._arm_idle()
+
+    def become_tunnel(self, exchange: _Exchange, response: Any) -> None:
+        """After a 101: the client's connection and the shard's become one splice."""
+        self._access_log(exchange, "upgraded")
+        self.exchange = None
+        self._stop_rate_check()
+        self._cancel_idle()
+        self.closing = True
+        held, self.held = self.held or [], None
+        tls = self.transport
+        splice = Splice(self.route, self.reactor, self.ctx.connect_timeout, self.ctx.tunnel_idle_timeout,
+                        preamble=b"".join(held), on_done=self._tunnel_done)
+        splice.adopt()
+        tls.unregisterProducer()
+        tls.switch_protocol(splice.client)
+        if self._pauses:
+            self._pauses.clear()
+            tls.resumeProducing()
+        response.take_tunnel(UpstreamSide(splice))
+
+    def _tunnel_done(self, splice: Splice) -> None:
+        if self.ctx.access_log:
+            self.log.info("tunnel {client} shard={shard} port={port} up={up} down={down}",
+                          event_kind="http_tunnel", client=self.client_ip, shard=self.route.shard.id,
+                          port=self.route.port.port, up=splice.bytes_up, down=splice.bytes_down)
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    def write_answer(self, answer: Answer, method: bytes, accept: bytes | None, version: str,
+                     keep_alive: bool) -> None:
+        if self.transport is None:
+            return
+        metrics.count_request("proxy", answer.status, method)
+        lines = [b"HTTP/1.1 %d %s" % (answer.status, _REASONS.get(answer.status, b"Error"))]
+        lines += [name + b": " + value for name, value in answer.headers]
+        body = b""
+        if answer.error is not None:
+            metrics.HTTP_ERROR_PAGES.labels(code=str(answer.status)).inc()
+            content_type, body = render_error(answer.status, answer.error[0], answer.error[1], accept)
+            lines += [b"Content-Type: " + content_type, b"Cache-Control: no-store"]
+        lines.append(b"Content-Length: %d" % len(body))
+        if not keep_alive:
+            lines.append(b"Connection: close")
+        elif version != "1.1":
+            lines.append(b"Connection: keep-alive")
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if method == b"HEAD" else body))
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self._cancel_idle()
+        if not self.closing:
+            self._idle = self.reactor.callLater(self.ctx.limits.http_idle_timeout, self._idle_timeout)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _idle_timeout(self) -> None:
+        self._idle = None
+        if self.exchange is None and not self.reader.in_head:
+            self._close()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.exchange is None and not self.closing:
+            self._reject(Rejected(408, "head_timeout", "the request head did not arrive in time"))
+
+    def _start_rate_check(self) -> None:
+        limits = self.ctx.limits
+        if limits.body_min_rate and self._rate_timer is None:
+            self._rate_mark = self.bytes_in_body
+            self._paused_in_window = bool(self._pauses)
+            self._rate_timer = self.reactor.callLater(limits.body_rate_window, self._check_rate)
+
+    def _stop_rate_check(self) -> None:
+        if self._rate_timer is not None and self._rate_timer.active():
+            self._rate_timer.cancel()
+        self._rate_timer = None
+
+    def _check_rate(self) -> None:
+        self._rate_timer = None
+        limits = self.ctx.limits
+        exchange = self.exchange
+        if exchange is None or exchange.request_done or exchange.finished:
+            return
+        got = self.bytes_in_body - self._rate_mark
+        if not self._paused_in_window and got < limits.body_min_rate * limits.body_rate_window:
+            # A body trickled slower than the minimum rate while the gateway was reading it
+            # (a slow shard pausing the client does not count against the client).
+            metrics.HTTP_REJECTED.labels(reason="body_timeout").inc()
+            self.log.info("request body from {client} too slow: {bytes} bytes in {window}s",
+                          client=self.client_ip, bytes=got, window=limits.body_rate_window)
+            exchange.abandon_upstream()
+            exchange.answer(Answer(408, (), ("body_timeout", "the request body arrived too slowly")))
+            return
+        self._start_rate_check()
+
+    def _access_log(self, exchange: _Exchange, outcome: str) -> None:
+        if not self.ctx.access_log:
+            return
+        head = exchange.head
+        self.log.info(
+            "access {client} {method} {path} -> {status} shard={shard} port={port} "
+            "bytes={bytes} duration={duration:.3f}",
+            event_kind="http_access", client=self.client_ip, method=head.method.decode("latin-1"),
+            path=head.path.decode("latin-1"), status=exchange.status or outcome,
+            shard=self.route.shard.id, port=self.route.port.port, bytes=exchange.sent,
+            duration=time.monotonic() - exchange.started)
+
+
+__all__ = ["H1ProxyConnection", "HTTPRouteContext", "StreamingBody"]

@@ -1,43 +1,74 @@
 """
-A lean HTTP/1.1 client for talking to shard ports, with a keep-alive pool per shard address.
+The HTTP/1.1 client the gateway speaks to shard ports with: a keep-alive pool per shard address.
 
-Twisted's Agent builds a dozen objects and Deferred chains per request; on the proxy's hot path
-that was most of the gateway's CPU (see docs/performance.md).  This client does one thing:
-write a request head (and stream a body producer), parse the response head, and hand the body
-to the same IProtocol-style receiver Agent's ``deliverBody`` uses, with backpressure.  Bodies
-are decoded with twisted.web.http's own transfer decoders.
+Requests go out with the gateway's own framing (one canonical Content-Length, or chunked).
+Responses are read with httptools' strict response parser; a head or framing that breaks
+HTTP/1.1 (conflicting lengths, a transfer coding other than chunked, a bad chunk size, an
+oversized head, a 101 that was not asked for) fails the request with L{BadResponse}, and a
+connection is returned to the pool only when its response ended exactly where its framing said,
+the request body went out whole and both sides keep the connection alive.  Anything else closes
+it: a shard connection whose framing state is in doubt never carries another client's request.
+
+Bodies reach the caller the way Agent's C{deliverBody} gives them (an IProtocol with
+C{makeConnection}, C{dataReceived}, C{connectionLost(ResponseDone | ResponseFailed)}), with
+backpressure from the receiver to the shard's socket.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import httptools
+from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web._newclient import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import Interface, implementer
 
+from twisted_gateway import metrics
 from twisted_gateway.fastwrite import write_now
 
 MAX_HEAD = 64 * 1024
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+class IUpstream(Interface):
+    """Where a front end sends a proxied request: an HTTP/1.1 pool or an h2c connection."""
+
+    def request(address: str, port: int, method: bytes, path: bytes,  # type: ignore[misc]
+                headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
+        """
+        Send a request whose C{headers} carry no framing field (the upstream adds its own from
+        C{body}: None for no body, else an IBodyProducer whose C{length} is a number or
+        UNKNOWN_LENGTH).  Fires with a response (C{code}, C{phrase}, C{headers}, C{length},
+        C{deliverBody}); errbacks with ConnectError, ResponseNeverReceived or L{BadResponse}.
+        """
+
+
+class BadResponse(Exception):
+    """The shard's response broke HTTP/1.1; C{reason} is the metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class RawHeaders:
-    """
-    Response header fields as the shard sent them, by lowercase name: the part of twisted.web's
-    C{Headers} the proxy reads, without its per-call name encoding and sanitizing (values are
-    sanitized where they are written, by twisted.web's response headers).
-    """
+    """Response header fields as the shard sent them, by lowercase name, in order."""
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "pairs")
 
     def __init__(self) -> None:
         self._fields: dict[bytes, list[bytes]] = {}
+        self.pairs: list[tuple[bytes, bytes]] = []
 
     def addRawHeader(self, name: bytes, value: bytes) -> None:
+        self.pairs.append((name, value))
         name = name.lower()
         values = self._fields.get(name)
         if values is None:
@@ -69,6 +100,10 @@ class UpstreamResponse:
     def deliverBody(self, protocol: Any) -> None:
         self._conn.deliver_to(protocol)
 
+    def take_tunnel(self, protocol: Any) -> None:
+        """After a 101: the shard connection becomes C{protocol}'s transport (never pooled)."""
+        self._conn.become(protocol)
+
 
 class _TransportProxy:
     """Given to the body receiver: pause/resume reach the upstream socket."""
@@ -88,35 +123,55 @@ class _TransportProxy:
         self._conn.abort()
 
 
-class _ChunkedBodyWriter:
-    """The consumer a streaming body producer writes to; chunk-encodes when the length is unknown."""
+class _BodyWriter:
+    """The consumer a body producer writes to: chunk-encodes an unknown length, and never
+    writes more than a declared one."""
 
-    def __init__(self, transport: Any, chunked: bool) -> None:
-        self.transport = transport
-        self.chunked = chunked
+    def __init__(self, conn: _UpstreamConnection, length: Any) -> None:
+        self.conn = conn
+        self.chunked = length is UNKNOWN_LENGTH
+        self.left = None if self.chunked else int(length)
 
     def write(self, data: bytes) -> None:
-        if not data:
+        transport = self.conn.transport
+        if not data or transport is None:
             return
         if self.chunked:
-            write_now(self.transport, b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            write_now(self.transport, data)
+            write_now(transport, b"%x\r\n%b\r\n" % (len(data), data))
+            return
+        assert self.left is not None
+        if len(data) > self.left:
+            # Never more than the framing declared: the shard would read the rest as a request.
+            self.conn.log.error("request body longer than its declared length; closing the shard connection")
+            self.conn.abort()
+            return
+        self.left -= len(data)
+        write_now(transport, data)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
+        if self.conn.transport is not None:
+            self.conn.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        self.transport.unregisterProducer()
+        if self.conn.transport is not None:
+            self.conn.transport.unregisterProducer()
 
 
+class _Abort(Exception):
+    pass
+
+
+@implementer(IHalfCloseableProtocol)
 class _UpstreamConnection(Protocol):
+    log = Logger()
+
     def __init__(self, pool: UpstreamPool, key: tuple[str, int], on_connected: Any = None) -> None:
         self.pool = pool
         self.key = key
         self.busy = False
         self._on_connected = on_connected
         self._body_pending = False
+        self._tunnel: Any = None
         self._reset()
 
     def connectionMade(self) -> None:
@@ -125,27 +180,37 @@ class _UpstreamConnection(Protocol):
             callback(self)
 
     def _reset(self) -> None:
-        self._head = b""
         self._state = "idle"
         self._response_d: Deferred | None = None
         self._receiver: Any = None
         self._pending: list[bytes] = []
         self._done = False
-        self._decoder: Any = None
         self._keep_alive = True
         self._method = b"GET"
+        self._upgrade = False
+        self._parser: Any = None
+        self._head_bytes = 0
+        self._head_buffer = b""
+        self._headers = RawHeaders()
+        self._phrase = b""
+        self._code = 0
+        self._length: Any = UNKNOWN_LENGTH
+        self._error: BadResponse | None = None
+        self._close_delimited = False
 
     # -- requests ------------------------------------------------------------------------------
 
-    def send(self, method: bytes, head: bytes, body: Any) -> Deferred:
+    def send(self, method: bytes, head: bytes, body: Any, upgrade: bool = False) -> Deferred:
         self.busy = True
         self._reset()
         self._method = method
+        self._upgrade = upgrade
         self._state = "head"
+        self._parser = httptools.HttpResponseParser(self)
         self._response_d = Deferred(lambda d: self.abort())
         write_now(self.transport, head)
         if body is not None:
-            writer = _ChunkedBodyWriter(self.transport, body.length is UNKNOWN_LENGTH)
+            writer = _BodyWriter(self, body.length)
             self._body_pending = True
             self.transport.registerProducer(body, True)
             finished = body.startProducing(writer)
@@ -157,76 +222,174 @@ class _UpstreamConnection(Protocol):
                 self.transport.unregisterProducer()
                 if writer.chunked:
                     write_now(self.transport, b"0\r\n\r\n")
+                elif writer.left:
+                    self.abort()  # shorter than declared: the shard waits for the rest
             finished.addCallbacks(body_done, lambda f: self.abort())
         return self._response_d
 
     # -- response ------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._state == "head":
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._head) > MAX_HEAD:
-                    self._fail(ResponseFailed([Failure(ValueError("response head too large"))]))
-                return
-            head, rest = self._head[:end], self._head[end + 4:]
-            self._head = b""
-            if not self._parse_head(head):
-                return
-            if rest:
-                self.dataReceived(rest)
-        elif self._state == "body":
-            self._decoder.dataReceived(data)
-        elif self._state == "idle" and data:
-            # Bytes from an idle upstream: it is not speaking HTTP correctly; drop it.
+        if self._tunnel is not None:
+            self._tunnel.dataReceived(data)
+            return
+        if self._state == "idle" or self._state == "done":
+            # Bytes outside a response: the shard's framing is not what it said; never reuse.
             self._keep_alive = False
-            self.transport.loseConnection()
+            if self._state == "idle" and self.transport is not None:
+                self.transport.loseConnection()
+            return
+        if self._state == "head" and self._method == b"HEAD":
+            self._head_of_head(data)
+            return
+        self._feed(data)
 
-    def _parse_head(self, head: bytes) -> bool:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
+    def _head_of_head(self, data: bytes) -> None:
+        # A response to HEAD has no body whatever its framing fields say (RFC 9110 9.3.2), which
+        # the parser cannot know: hand it the head alone.
+        self._head_buffer += data
+        end = self._head_buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head_buffer) > MAX_HEAD:
+                self._bad("head_too_large", "response head too large")
+            return
+        head, rest = self._head_buffer[:end + 4], self._head_buffer[end + 4:]
+        self._head_buffer = b""
+        self._feed(head)
+        if self._state == "body":
+            if rest:
+                self._keep_alive = False
+            self._body_done()
+
+    def _feed(self, data: bytes) -> None:
+        if self._state == "head":
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._bad("head_too_large", "response head too large")
+                return
         try:
-            version, code = parts[0], int(parts[1])
-        except (IndexError, ValueError):
-            self._fail(ResponseFailed([Failure(ValueError(f"bad status line {lines[0][:80]!r}"))]))
-            return False
-        phrase = parts[2] if len(parts) > 2 else b""
-        headers = RawHeaders()
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
-                self._fail(ResponseFailed([Failure(ValueError("bad header line"))]))
-                return False
-            headers.addRawHeader(name, value.strip())
-        if 100 <= code < 200:
-            return True  # an interim response (100 Continue): the real one follows
-        connection = b",".join(headers.getRawHeaders(b"connection", [])).lower()
-        self._keep_alive = version == b"HTTP/1.1" and b"close" not in connection
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgraded(data[int(e.args[0]):])
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _Abort):
+                self.log.failure("handling a shard response failed", Failure(e.__context__))
+                self.abort()
+        except httptools.HttpParserError as e:
+            if self._state == "head":
+                self._bad("bad_head", f"malformed response: {e}")
+            else:
+                self._bad("bad_body", f"malformed response body: {e}")
+
+    def _bad(self, reason: str, detail: str) -> None:
+        metrics.UPSTREAM_BAD_RESPONSES.labels(reason=reason).inc()
+        self.log.warn("shard {address}:{port} sent a bad response: {detail}", address=self.key[0],
+                      port=self.key[1], detail=detail)
+        failure = Failure(BadResponse(reason, detail))
+        self._keep_alive = False
+        if self._response_d is not None:
+            d, self._response_d = self._response_d, None
+            d.errback(failure)
+        elif self._receiver is not None:
+            receiver, self._receiver = self._receiver, None
+            receiver.connectionLost(Failure(ResponseFailed([failure])))
+        self.abort()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._state != "head":
+            # A second response after the one asked for: never trust this connection again.
+            self._keep_alive = False
+            raise _Abort()
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state == "head":
+            self._headers.addRawHeader(name, value)
+        # Fields after the body are trailers: dropped (a proxy may, RFC 9110 6.5.1).
+
+    def on_headers_complete(self) -> None:
+        code = self._parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            # An interim response (RFC 9110 15.2): the final one follows; nothing is relayed.
+            self._headers = RawHeaders()
+            self._phrase = b""
+            return
+        headers = self._headers
+        if code == 101:
+            upgrade = b",".join(headers.getRawHeaders(b"upgrade", [])).lower()
+            if not self._upgrade or b"websocket" not in upgrade:
+                self._bad("unexpected_upgrade", "101 Switching Protocols the gateway did not ask for")
+                raise _Abort()
+            self._code = code
+            return
+        codings = headers.getRawHeaders(b"transfer-encoding")
+        if codings is not None and (len(codings) != 1 or codings[0].strip().lower() != b"chunked"):
+            self._bad("bad_framing", "Transfer-Encoding other than chunked")
+            raise _Abort()
+        self._keep_alive = bool(self._parser.should_keep_alive())
+        length: Any
         if self._method == b"HEAD" or code in (204, 304):
-            length: Any = 0
-        elif b"chunked" in b",".join(headers.getRawHeaders(b"transfer-encoding", [])).lower():
+            length = 0
+        elif codings is not None:
             length = UNKNOWN_LENGTH
-            self._decoder = http._ChunkedTransferDecoder(self._body_data, self._body_done)
         elif headers.hasHeader(b"content-length"):
-            try:
-                length = int(headers.getRawHeaders(b"content-length")[0])
-            except ValueError:
-                self._fail(ResponseFailed([Failure(ValueError("bad content-length"))]))
-                return False
+            length = int(headers.getRawHeaders(b"content-length")[0].strip())
         else:
             length = UNKNOWN_LENGTH
-            self._keep_alive = False  # delimited by the connection's end
-            self._decoder = _UntilClose(self._body_data)
-        if self._decoder is None:
-            self._decoder = http._IdentityTransferDecoder(length, self._body_data, self._body_done)
+            self._close_delimited = True
+            self._keep_alive = False
+        self._code = code
+        self._length = length
         self._state = "body"
         d, self._response_d = self._response_d, None
         assert d is not None
-        d.callback(UpstreamResponse(self, code, phrase, headers, length))
-        if length == 0:
-            self._body_done(b"")
-        return True
+        d.callback(UpstreamResponse(self, code, self._phrase, headers, length))
+
+    def on_body(self, data: bytes) -> None:
+        if self._receiver is None:
+            self._pending.append(data)
+            if self.transport is not None:
+                self.transport.pauseProducing()
+        else:
+            self._receiver.dataReceived(data)
+
+    def on_message_complete(self) -> None:
+        if self._state == "body":
+            self._body_done()
+
+    def _upgraded(self, rest: bytes) -> None:
+        if self._code != 101 or self._response_d is None:
+            return
+        self._state = "tunnel"
+        self._keep_alive = False
+        self._pending = [rest] if rest else []
+        if self.transport is not None:
+            self.transport.pauseProducing()  # until the front end takes the tunnel
+        d, self._response_d = self._response_d, None
+        d.callback(UpstreamResponse(self, 101, self._phrase, self._headers, 0))
+
+    def become(self, protocol: Any) -> None:
+        self._tunnel = protocol
+        self.pool.forget(self)
+        protocol.makeConnection(self.transport)
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            protocol.dataReceived(chunk)
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def readConnectionLost(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.readConnectionLost()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def deliver_to(self, receiver: Any) -> None:
         self._receiver = receiver
@@ -239,18 +402,9 @@ class _UpstreamConnection(Protocol):
         elif self.transport is not None:
             self.transport.resumeProducing()
 
-    def _body_data(self, data: bytes) -> None:
-        if self._receiver is None:
-            self._pending.append(data)
-            self.transport.pauseProducing()
-        else:
-            self._receiver.dataReceived(data)
-
-    def _body_done(self, rest: bytes) -> None:
+    def _body_done(self) -> None:
         self._done = True
         self._state = "done"
-        if rest:
-            self._keep_alive = False  # pipelined garbage after the body
         if self._receiver is not None:
             self._finish_receiver(Failure(ResponseDone()))
 
@@ -267,43 +421,29 @@ class _UpstreamConnection(Protocol):
         if receiver is not None:
             receiver.connectionLost(reason)
 
-    def _fail(self, failure: Any) -> None:
-        self._keep_alive = False
-        if self._response_d is not None:
-            d, self._response_d = self._response_d, None
-            d.errback(failure)
-        if self.transport is not None:
-            self.transport.loseConnection()
-
     def abort(self) -> None:
         self._keep_alive = False
         if self.transport is not None:
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        transport_gone = self.transport
         self.transport = None
         self.pool.forget(self)
+        if self._tunnel is not None:
+            tunnel, self._tunnel = self._tunnel, None
+            tunnel.connectionLost(reason)
+            return
         if self._response_d is not None:
             d, self._response_d = self._response_d, None
             d.errback(Failure(ResponseNeverReceived([reason])))
         elif self._state == "body":
-            if isinstance(self._decoder, _UntilClose):
-                self._done = True
-                self._state = "done"
-                if self._receiver is not None:
-                    self._finish_receiver(Failure(ResponseDone()))
+            if self._close_delimited:
+                self._body_done()
             else:
                 failure = Failure(ResponseFailed([reason]))
                 if self._receiver is not None:
                     receiver, self._receiver = self._receiver, None
                     receiver.connectionLost(failure)
-        del transport_gone
-
-
-class _UntilClose:
-    def __init__(self, data_callback: Any) -> None:
-        self.dataReceived = data_callback
 
 
 class _Factory(ClientFactory):
@@ -324,6 +464,34 @@ class _Factory(ClientFactory):
             self.connected.errback(reason)
 
 
+def upstream_failure_answer(failure: Failure, shard_id: str, timed_out: bool) -> tuple[int, str, str, str]:
+    """(status, error code, message, metric reason) for a request the shard did not answer."""
+    if timed_out or failure.check(ierror.TimeoutError, ierror.TCPTimedOutError):
+        return 504, "upstream_timeout", f"shard {shard_id} did not answer within the timeout", "timeout"
+    if failure.check(ierror.ConnectionRefusedError):
+        return 502, "upstream_refused", f"shard {shard_id} refused the connection", "refused"
+    if failure.check(ierror.ConnectError, ierror.DNSLookupError):
+        return 502, "upstream_unreachable", f"shard {shard_id} is unreachable", "unreachable"
+    if failure.check(BadResponse):
+        return 502, "upstream_bad_response", f"shard {shard_id} sent a malformed response", "bad_response"
+    return 502, "upstream_reset", f"shard {shard_id} closed the connection", "error"
+
+
+def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: Any) -> bytes:
+    """The request head with the gateway's framing: one canonical length, or chunked."""
+    head = [method + b" " + path + b" HTTP/1.1"]
+    head.extend(name + b": " + value for name, value in headers)
+    if body is not None:
+        if body.length is UNKNOWN_LENGTH:
+            head.append(b"Transfer-Encoding: chunked")
+        else:
+            head.append(b"Content-Length: %d" % body.length)
+    elif method in _BODY_METHODS:
+        head.append(b"Content-Length: 0")
+    return b"\r\n".join(head) + b"\r\n\r\n"
+
+
+@implementer(IUpstream)
 class UpstreamPool:
     """Idle keep-alive connections per (address, port); new ones are made on demand."""
 
@@ -334,18 +502,8 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], list[_UpstreamConnection]] = {}
 
     def request(self, address: str, port: int, method: bytes, path: bytes,
-                headers: list[tuple[bytes, bytes]], body: Any = None) -> Deferred:
-        """Send a request (C{headers}: the fields to send, as name/value pairs) to the shard."""
-        head = [method + b" " + path + b" HTTP/1.1"]
-        head.extend(name + b": " + value for name, value in headers)
-        if body is not None:
-            if body.length is UNKNOWN_LENGTH:
-                head.append(b"Transfer-Encoding: chunked")
-            else:
-                head.append(b"Content-Length: %d" % body.length)
-        elif method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
-            head.append(b"Content-Length: 0")
-        raw_head = b"\r\n".join(head) + b"\r\n\r\n"
+                headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
+        raw_head = request_head(method, path, headers, body)
         key = (address, port)
         state: dict[str, Any] = {}
 
@@ -366,7 +524,7 @@ class UpstreamPool:
 
         def send_on(conn: _UpstreamConnection) -> Deferred:
             state["conn"] = conn
-            return conn.send(method, raw_head, body)
+            return conn.send(method, raw_head, body, upgrade)
 
         def fresh() -> None:
             state.pop("conn", None)
@@ -375,7 +533,8 @@ class UpstreamPool:
                 address, port, _Factory(self, key, connected), timeout=self.connect_timeout)
             connected.addCallbacks(lambda conn: send_on(conn).addBoth(settle), settle)
 
-        reused = self._take(key)
+        # An upgrade becomes a tunnel: it gets a connection of its own.
+        reused = None if upgrade else self._take(key)
         if reused is None:
             fresh()
             return result
@@ -416,4 +575,5 @@ class UpstreamPool:
             idle.remove(conn)
 
 
-__all__ = ["RawHeaders", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["BadResponse", "IUpstream", "RawHeaders", "UpstreamPool", "UpstreamResponse", "request_head",
+           "upstream_failure_answer"]

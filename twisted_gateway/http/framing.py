@@ -1,0 +1,123 @@
+"""
+Which header fields cross the gateway, in each direction, and the checks that make an h2
+request a well-formed HTTP/1.1 one (RFC 9110 7.6.1, RFC 9112 3, RFC 9113 8.2-8.3).  Pure
+functions over name/value pairs, shared by every front end.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from twisted_gateway.http.policy import forwarding_headers, strip_cookie
+
+# RFC 9110 7.6.1: connection-specific fields, never forwarded; with the framing fields the
+# gateway computes itself and fields of protocols it never lets a client switch to.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"http2-settings",
+})
+_FORWARDING = frozenset({b"x-forwarded-for", b"forwarded"})
+_REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"host", b"expect"})
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def connection_named(fields: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The hop-by-hop fields of a message: the fixed set and those its Connection field lists."""
+    names = set(HOP_BY_HOP)
+    for name, value in fields:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return names
+
+
+def client_fields_for_shard(fields: Iterable[tuple[bytes, bytes]], host: bytes, *, private: bool,
+                            cookie_name: bytes, client_ip: str, trusted: bool,
+                            upgrade: bool = False) -> list[tuple[bytes, bytes]]:
+    """
+    The fields of a client's request as the shard gets them: Host first (the authority the
+    gateway checked), no hop-by-hop or framing field, no token on private ports, the gateway's
+    forwarding fields (the client's own kept only from a trusted proxy), and for a websocket
+    upgrade the two fields that ask for it.  The framing field is added by the upstream.
+    """
+    fields = list(fields)
+    drop = connection_named(fields) | _REPLACED
+    # Connection cannot name away what the gateway itself writes.
+    drop -= {b"cookie", b"authorization"} if not private else {b"cookie"}
+    previous_for: list[bytes] = []
+    previous_forwarded: list[bytes] = []
+    out: list[tuple[bytes, bytes]] = [(b"Host", host)]
+    for name, value in fields:
+        lname = name.lower()
+        if lname in drop or lname.startswith(b"proxy-"):
+            continue
+        if lname in _FORWARDING:
+            if trusted:
+                (previous_for if lname == b"x-forwarded-for" else previous_forwarded).append(value)
+            continue
+        if lname == b"authorization" and private:
+            continue  # the token never reaches the shard
+        if lname == b"cookie":
+            value = strip_cookie(value, cookie_name)
+            if not value:
+                continue
+        out.append((name, value))
+    out += forwarding_headers(previous_for, previous_forwarded, client_ip, host)
+    if upgrade:
+        out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    return out
+
+
+def response_fields_for_client(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The shard's response fields without hop-by-hop and framing fields (the gateway frames)."""
+    fields = list(fields)
+    drop = connection_named(fields)
+    return [(n, v) for n, v in fields if n.lower() not in drop]
+
+
+def safe_phrase(phrase: bytes, default: bytes) -> bytes:
+    """A reason phrase safe to write on a status line (RFC 9112 4: HTAB, SP, VCHAR, obs-text)."""
+    if phrase and all(c == 9 or 32 <= c != 127 for c in phrase):
+        return phrase
+    return default
+
+
+def is_token(value: bytes) -> bool:
+    return bool(value) and all(c in _TOKEN for c in value)
+
+
+def h2_target_problem(method: bytes, path: bytes) -> str | None:
+    """Why an h2 request's :method/:path cannot become an HTTP/1.1 request line, or None."""
+    if not is_token(method):
+        return ":method is not a token"
+    if method == b"CONNECT":
+        return None  # answered by the gateway itself
+    if path == b"*":
+        return None if method == b"OPTIONS" else "'*' is a :path for OPTIONS only"
+    if not path.startswith(b"/"):
+        return ":path is not origin-form"
+    if any(c <= 0x20 or c == 0x7F for c in path):
+        return ":path holds a space or control byte"
+    return None
+
+
+def authority_host(authority: bytes) -> bytes | None:
+    """The host of C{host[:port]} (RFC 3986 3.2.2-3.2.3), lower-cased without a trailing dot;
+    None when it is not an authority (userinfo, controls, a port that is not a number)."""
+    if not authority or any(c <= 0x20 or c >= 0x7F for c in authority) or b"@" in authority:
+        return None
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        if end < 0:
+            return None
+        rest = authority[end + 1:]
+        if rest and not (rest[:1] == b":" and rest[1:].isdigit()):
+            return None
+        return authority[:end + 1].lower()
+    host, sep, port = authority.partition(b":")
+    if not host or (sep and not port.isdigit()):
+        return None
+    return host.lower().rstrip(b".")
+
+
+__all__ = ["HOP_BY_HOP", "authority_host", "client_fields_for_shard", "connection_named",
+           "h2_target_problem", "is_token", "response_fields_for_client", "safe_phrase"]

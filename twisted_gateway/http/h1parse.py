@@ -1,0 +1,314 @@
+"""
+HTTP/1.1 requests read from a client's decrypted stream, without I/O.
+
+httptools (llhttp, the parser Node.js ships) does the byte-level work and is strict by default:
+Content-Length with Transfer-Encoding, two Content-Length fields, bare LF, obs-fold, controls in
+values and bad chunk sizes are all errors.  On top of it this module decides what a front door
+must: bounds on the head, the one framing the gateway will trust (RFC 9112 6), the request
+target's form (RFC 9112 3.2) and the Host against the name the client asked for in TLS.
+
+L{RequestReader.feed} turns bytes into events: a L{RequestHead}, body chunks (C{bytes}),
+L{END} when a request is complete, L{Rejected} when the stream cannot be trusted any further, and
+L{Stopped} when the parser stops after a request asking to switch protocols (the bytes after it
+are the client's next bytes, whatever they are).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import attrs
+import httptools
+
+from twisted_gateway.http.framing import authority_host
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                   b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+@attrs.frozen
+class RequestHead:
+    method: bytes
+    target: bytes
+    """The request target in origin-form (absolute-form naming us is converted), or C{*}."""
+    version: str
+    """C{"1.1"} or C{"1.0"}."""
+    fields: tuple[tuple[bytes, bytes], ...]
+    """Header fields as received (name case kept), framing fields included."""
+    host: bytes
+    """The authority the request is for (the Host value, or the TLS name for HTTP/1.0)."""
+    body: str
+    """C{"none"}, C{"length"} or C{"chunked"}."""
+    length: int | None
+    """The declared length of a C{"length"} body."""
+    keep_alive: bool
+    expect_continue: bool
+    upgrade: tuple[bytes, ...]
+    """The lower-cased protocols of C{Upgrade} when C{Connection} names C{upgrade}, else ()."""
+    connection: frozenset[bytes]
+    """The lower-cased field names (and options) C{Connection} lists."""
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+
+@attrs.frozen
+class Rejected:
+    status: int
+    reason: str
+    """The metric reason (C{gateway_http_rejected_total})."""
+    message: str
+    """Said to the client; never contains a value the client sent."""
+
+
+@attrs.frozen
+class Stopped:
+    rest: bytes
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()
+Event = Union[RequestHead, bytes, _End, Rejected, Stopped]
+
+
+def _bad(status: int, reason: str, message: str) -> Rejected:
+    return Rejected(status, reason, message)
+
+
+def _tokens(values: list[bytes]) -> list[bytes]:
+    return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
+
+
+def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[bytes, bytes]],
+               server_name: str) -> RequestHead | Rejected:
+    """
+    The head of one request as the gateway will act on it, or why it is refused.  Pure: every
+    rule here is unit-tested on bytes.
+    """
+    if version not in ("1.1", "1.0"):
+        return _bad(505, "bad_request", "only HTTP/1.1 and HTTP/1.0 are served")
+    if method == b"CONNECT":
+        return _bad(405, "method_not_allowed", "CONNECT is not proxied to shards")
+    if not method or any(c not in _TOKEN for c in method):
+        return _bad(400, "bad_request", "the method is not a token")
+    if any(c <= 0x20 or c >= 0x7F for c in target):
+        return _bad(400, "bad_request", "the request target holds a space or control byte")
+    ours = server_name.lower().rstrip(".").encode()
+    absolute_host: bytes | None = None
+    host_value = ours
+    if target == b"*":
+        if method != b"OPTIONS":
+            return _bad(400, "bad_request", "'*' is a request target for OPTIONS only")
+    elif not target.startswith(b"/"):
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"https", b"http"):
+            return _bad(400, "bad_request", "the request target must be origin-form or absolute-form")
+        authority, slash, path = rest.partition(b"/")
+        authority, _, _ = authority.partition(b"?")
+        absolute_host = authority_host(authority)
+        if absolute_host != ours:
+            return _bad(421, "misdirected", "the request target names another host")
+        query = b"" if slash else rest[len(authority):]
+        target = b"/" + path if slash else b"/" + query
+        host_value = authority
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    upgrade: list[bytes] = []
+    expect: list[bytes] = []
+    for name, value in fields:
+        lname = name.lower()
+        if lname == b"host":
+            hosts.append(value)
+        elif lname == b"content-length":
+            lengths.append(value)
+        elif lname == b"transfer-encoding":
+            codings.append(value)
+        elif lname == b"connection":
+            connection.append(value)
+        elif lname == b"upgrade":
+            upgrade.append(value)
+        elif lname == b"expect":
+            expect.append(value)
+    if len(hosts) > 1:
+        return _bad(400, "bad_request", "a request carries one Host field")
+    if hosts:
+        host_value = hosts[0].strip()
+        name_ = authority_host(host_value)
+        if name_ is None:
+            return _bad(400, "bad_request", "the Host field is not an authority")
+        if name_ != ours:
+            return _bad(421, "misdirected", "the Host field names another host than the TLS name")
+    elif version == "1.1" and absolute_host is None:
+        return _bad(400, "bad_request", "an HTTP/1.1 request needs a Host field")
+    if codings:
+        # RFC 9112 6.1: the gateway understands chunked alone; anything else (gzip, chunked,
+        # an obfuscated spelling, two fields) is not a framing it will act on.
+        if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+            return _bad(501, "unsupported_coding", "the only transfer coding accepted is chunked")
+        body, length = "chunked", None
+    elif lengths:
+        value = lengths[0].strip()
+        if len(lengths) != 1 or not value.isdigit() or len(value) > 18:
+            return _bad(400, "bad_framing", "Content-Length must be one decimal number")
+        length = int(value)
+        body = "length" if length else "none"
+    else:
+        body, length = "none", None
+    conn_tokens = _tokens(connection)
+    if version == "1.1":
+        keep_alive = b"close" not in conn_tokens
+    else:
+        keep_alive = b"keep-alive" in conn_tokens and b"close" not in conn_tokens
+    upgrades = tuple(_tokens(upgrade)) if b"upgrade" in conn_tokens else ()
+    return RequestHead(
+        method=method, target=target, version=version, fields=tuple(fields), host=host_value,
+        body=body, length=length, keep_alive=keep_alive,
+        expect_continue=any(v.strip().lower() == b"100-continue" for v in expect),
+        upgrade=upgrades, connection=frozenset(conn_tokens))
+
+
+def needs_length_field(method: bytes) -> bool:
+    """Methods whose empty body is still announced with C{Content-Length: 0} (RFC 9110 8.6)."""
+    return method in _BODY_METHODS
+
+
+class _Abort(Exception):
+    pass
+
+
+class RequestReader:
+    """
+    Requests of one client connection, read one event at a time.  The reader parses ahead
+    (pipelined requests queue up as events); the caller decides when to act on them and pauses
+    the client while events are waiting.
+    """
+
+    def __init__(self, server_name: str, max_head_bytes: int, max_fields: int) -> None:
+        self.server_name = server_name
+        self.max_head_bytes = max_head_bytes
+        self.max_fields = max_fields
+        self._parser: Any = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._quiet = 0
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._rejected: Rejected | None = None
+        self._in_body = False
+        self.done = False
+        """Nothing more is parsed (a rejection, or a protocol switch was asked for)."""
+
+    @property
+    def in_head(self) -> bool:
+        """A request head has begun and is not complete (for the head deadline)."""
+        return self._in_head
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self.done:
+            return []
+        events: list[Event] = []
+        self._events = events
+        while data and not self.done:
+            if self._in_head or self._between_requests():
+                # Feed no more than the head allowance, so that the head's size is bounded
+                # exactly (httptools buffers a field until it is complete).
+                allowance = self.max_head_bytes - self._head_bytes
+                if allowance <= 0:
+                    self._reject(_bad(431, "header_too_large", "the request head is too large"))
+                    break
+                part, data = data[:allowance], data[allowance:]
+                self._feed(part)
+                if self._in_head:
+                    self._head_bytes += len(part)
+            else:
+                self._feed(data)
+                data = b""
+        return events
+
+    def _between_requests(self) -> bool:
+        return not self._in_head and not self._in_body
+
+    def _feed(self, data: bytes) -> None:
+        before = len(self._events)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.done = True
+            self._events.append(Stopped(data[int(e.args[0]):]))
+        except httptools.HttpParserCallbackError:
+            if self._rejected is not None:
+                self._reject(self._rejected)
+        except httptools.HttpParserError as e:
+            self._reject(_parse_error(str(e)))
+        if len(self._events) == before and not self.done:
+            # No event: bytes of a field, a chunk header or a trailer still being collected.
+            self._quiet += len(data)
+            if self._quiet > self.max_head_bytes:
+                self._reject(_bad(431, "header_too_large", "a header or trailer field is too large"))
+        else:
+            self._quiet = 0
+
+    def _reject(self, rejected: Rejected) -> None:
+        if not self.done:
+            self.done = True
+            self._events.append(rejected)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._fields = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: never forwarded (RFC 9110 6.5.1 lets a proxy drop them)
+        self._fields.append((name, value))
+        if len(self._fields) > self.max_fields:
+            self._rejected = _bad(431, "header_too_large", "too many header fields")
+            raise _Abort()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._in_body = True
+        self._head_bytes = 0
+        parser = self._parser
+        head = check_head(parser.get_method(), self._url, parser.get_http_version(),
+                          self._fields, self.server_name)
+        if isinstance(head, Rejected):
+            self._rejected = head
+            raise _Abort()
+        self._events.append(head)
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._events.append(END)
+
+
+def _parse_error(message: str) -> Rejected:
+    lowered = message.lower()
+    if "transfer-encoding" in lowered:
+        return _bad(501, "unsupported_coding", "the only transfer coding accepted is chunked")
+    if "content-length" in lowered or "chunk" in lowered:
+        return _bad(400, "bad_framing", "the request's framing is malformed")
+    return _bad(400, "bad_request", "the request is malformed")
+
+
+__all__ = ["END", "Event", "RequestHead", "RequestReader", "Rejected", "Stopped", "check_head",
+           "needs_length_field"]

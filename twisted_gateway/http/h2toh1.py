@@ -1,0 +1,287 @@
+"""
+h2 clients of ``http/1.1`` shard ports: each client stream becomes one HTTP/1.1 request through
+the keep-alive pool (L{twisted_gateway.http.upstream}).
+
+The framing towards the shard is decided from the h2 message alone (RFC 9113 8.1): a request
+whose stream ended with its headers, or before any DATA, has no body; one with a content-length
+has exactly that Content-Length (the h2 library ends the connection if DATA disagrees with it);
+one with DATA and no content-length, whatever its method, is sent chunked.  So DATA can never be
+read by the shard as another request.  Flow control is end to end: client DATA is acknowledged
+once written towards the shard while its socket takes it, and the response is sent into the
+client's windows, pausing the shard's socket when they are full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+from twisted.internet import error as ierror
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from twisted_gateway import metrics
+from twisted_gateway.http.framing import response_fields_for_client
+from twisted_gateway.http.h2proxy import STREAM_WINDOW, _Exchange, _Pipe
+from twisted_gateway.http.policy import Answer
+from twisted_gateway.http.proxy import StreamingBody
+
+# Fields h2 forbids in a response (RFC 9113 8.2.2), besides those HTTP/1.1 calls hop-by-hop.
+_H2_FORBIDDEN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                           b"upgrade", b"te"})
+
+
+class _Relay(Protocol):
+    """The shard's response body into the client stream's pipe."""
+
+    def __init__(self, exchange: H1StreamExchange) -> None:
+        self.exchange = exchange
+        self.paused = False
+        self.done = False
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        pipe = self.exchange.response_pipe
+        if self.done or pipe is None or not data:
+            return
+        self.exchange.sent += len(data)
+        pipe.push(data, len(data))
+        if pipe.held > STREAM_WINDOW and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+        self.exchange.front.flush()
+
+    def consumed(self, size: int) -> None:
+        pipe = self.exchange.response_pipe
+        if self.paused and (pipe is None or pipe.held <= STREAM_WINDOW // 2):
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done:
+            return
+        self.done = True
+        self.exchange.body_ended(reason is None or bool(reason.check(ResponseDone)))
+
+    def stop(self) -> None:
+        if not self.done:
+            self.done = True
+            if self.transport is not None:
+                self.transport.stopProducing()
+
+
+class H1StreamExchange(_Exchange):
+    """One h2 client stream and the HTTP/1.1 request to the shard it became."""
+
+    def __init__(self, front: Any, stream_id: int, method: bytes, path: bytes, accept: bytes | None,
+                 grpc: bool) -> None:
+        super().__init__(front, stream_id, method, path, accept, grpc)
+        self.replay_data = None  # requests to HTTP/1.1 shards are never sent twice
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.length: int | None = None
+        self.begun = False
+        self.early: list[tuple[bytes, int]] = []
+        self.early_end = False
+        self.body: StreamingBody | None = None
+        self.body_paused = False
+        self.unacked = 0
+        self.received = 0
+        self.deferred: Any = None
+        self.relay: _Relay | None = None
+
+    # -- from the client ---------------------------------------------------------------------------
+
+    def begin(self, fields: list[tuple[bytes, bytes]], length: int | None, ended: bool) -> None:
+        """The request passed the gate and was not reset in the read it came in: send it."""
+        self.fields, self.length, self.begun = fields, length, True
+        if ended:
+            self._request_end()
+            return
+        early, self.early = self.early, []
+        if length is not None or early:
+            self._send_with_body()
+            for data, flow_length in early:
+                self._body_data(data, flow_length)
+        if self.early_end:
+            self._request_end()
+
+    def client_data(self, data: bytes, flow_length: int) -> None:
+        if self.finished:
+            self.front.ack(self.client_id, flow_length)
+            return
+        if not self.begun:
+            self.early.append((data, flow_length))
+            return
+        if self.deferred is None:
+            self._send_with_body()
+        self._body_data(data, flow_length)
+
+    def client_ended(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if self.request_ended:
+            return
+        self.request_ended = True
+        if not self.begun:
+            self.early_end = True
+            return
+        self._request_end()
+
+    def client_reset(self) -> None:
+        self._abandon()
+        if self.response_pipe is not None:
+            self.response_pipe.abandon()
+        self._done("client_reset")
+
+    def _send_with_body(self) -> None:
+        self.body = StreamingBody(self.length, self._pause_body, self._resume_body)
+        self._send(self.body)
+
+    def _send(self, body: StreamingBody | None) -> None:
+        route = self.front.route
+        self.deferred = self.front.pool.request(route.shard.address, route.port.target_port,
+                                                self.method, self.path, self.fields, body)
+        self.deferred.addCallbacks(self._got_response, self._failed)
+        self.deferred.addErrback(lambda f: self.front.log.failure("proxying failed", f))
+
+    def _body_data(self, data: bytes, flow_length: int) -> None:
+        self.received += len(data)
+        limit = self.front.ctx.max_body(self.front.route)
+        if limit and self.received > limit:
+            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+            self.front.ack(self.client_id, flow_length)
+            self._abandon()
+            self.front.answer(self, Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            self.front.flush()
+            return
+        assert self.body is not None
+        self.body.write(data)
+        if self.body_paused:
+            self.unacked += flow_length
+        else:
+            self.front.ack(self.client_id, flow_length)
+
+    def _pause_body(self) -> None:
+        self.body_paused = True
+
+    def _resume_body(self) -> None:
+        self.body_paused = False
+        unacked, self.unacked = self.unacked, 0
+        if unacked:
+            self.front.ack(self.client_id, unacked)
+            self.front.flush()
+
+    def _request_end(self) -> None:
+        if self.deferred is None:
+            self._send(None)
+        elif self.body is not None:
+            self.body.finish()
+        if not self.finished and not self.response_started and self.timer is None:
+            self.timer = self.front.reactor.callLater(self.front.ctx.response_timeout, self._timed_out)
+
+    # -- from the shard --------------------------------------------------------------------------
+
+    def _got_response(self, response: Any) -> None:
+        self._cancel_timer()
+        front = self.front
+        if self.finished or front.transport is None:
+            response.deliverBody(Protocol())
+            return
+        code = response.code
+        self.status = code
+        self.response_started = True
+        metrics.count_request("proxy", code, self.method)
+        headers = [(b":status", b"%d" % code)]
+        headers += [(name.lower(), value) for name, value in response_fields_for_client(response.headers.pairs)
+                    if name.lower() not in _H2_FORBIDDEN]
+        bodyless = self.method == b"HEAD" or code in (204, 304) or response.length == 0
+        if isinstance(response.length, int) and self.method != b"HEAD" and code not in (204, 304):
+            headers.append((b"content-length", b"%d" % response.length))
+        elif code != 204:
+            # HEAD and 304 describe the body they would have had (RFC 9110 8.6).
+            headers += [(b"content-length", v.strip()) for v in
+                        response.headers.getRawHeaders(b"content-length", [])[:1] if v.strip().isdigit()]
+        try:
+            front.h2.send_headers(self.client_id, headers, end_stream=bodyless)
+        except h2.exceptions.ProtocolError:
+            response.deliverBody(Protocol())
+            self.client_reset()
+            return
+        if bodyless:
+            response.deliverBody(Protocol())
+            self.response_ended = True
+            if not self.request_ended:
+                front.after_response(self)
+            self._done("ok")
+            front.flush()
+            return
+        self.relay = relay = _Relay(self)
+        self.response_pipe = _Pipe(front, self.client_id, relay.consumed)
+        response.deliverBody(relay)
+        front.flush()
+
+    def body_ended(self, complete: bool) -> None:
+        front = self.front
+        if self.finished:
+            return
+        if not complete:
+            # Mid-response: the client sees its stream reset, never a short body that looks whole.
+            if self.response_pipe is not None:
+                self.response_pipe.abandon()
+            front.reset(self.client_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self._done("upstream_reset")
+            front.flush()
+            return
+        self.response_ended = True
+        if self.response_pipe is not None:
+            self.response_pipe.finish()
+        if not self.request_ended:
+            front.after_response(self)
+        self._done("ok")
+        front.flush()
+
+    def _failed(self, failure: Failure) -> None:
+        self._cancel_timer()
+        if self.finished:
+            return
+        if self.body is not None:
+            self.body.discard()
+        self._fail_before_response(failure, timed_out=self.timed)
+        self.front.flush()
+
+    timed = False
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.timed = True
+        d = self.deferred
+        if d is not None and not d.called:
+            d.cancel()
+        if not self.finished:
+            self._fail_before_response(Failure(ierror.TimeoutError("response timeout")), timed_out=True)
+            self.front.flush()
+
+    def _abandon(self) -> None:
+        if self.body is not None:
+            self.body.discard()
+        if self.relay is not None:
+            self.relay.stop()
+        d, self.deferred = self.deferred, None
+        if d is not None and not d.called:
+            d.cancel()
+
+    def _cancel_shard(self) -> None:
+        self._abandon()
+
+    def _done(self, outcome: str) -> None:
+        if not self.finished and outcome != "ok":
+            self._abandon()
+        early, self.early = self.early, []
+        for _, flow_length in early:
+            self.front.ack(self.client_id, flow_length)
+        super()._done(outcome)
+
+
+__all__ = ["H1StreamExchange"]
