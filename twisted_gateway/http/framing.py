@@ -61,7 +61,7 @@ def client_fields_for_shard(fields: Iterable[tuple[bytes, bytes]], host: bytes, 
             if not value:
                 continue
         out.append((name, value))
-    out += forwarding_headers(previous_for, previous_forwarded, client_ip, host)
+    out += forwarding_headers(previous_for, previous_forwarded, client_ip, host, trusted=trusted)
     if upgrade:
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     return out

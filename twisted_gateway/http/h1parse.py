@@ -303,10 +303,10 @@ class RequestReader:
 
 def _parse_error(message: str) -> Rejected:
     lowered = message.lower()
-    if "transfer-encoding" in lowered:
-        return _bad(501, "unsupported_coding", "the only transfer coding accepted is chunked")
     if "content-length" in lowered or "chunk" in lowered:
         return _bad(400, "bad_framing", "the request's framing is malformed")
+    if "transfer-encoding" in lowered:
+        return _bad(501, "unsupported_coding", "the only transfer coding accepted is chunked")
     return _bad(400, "bad_request", "the request is malformed")
 
 

@@ -939,8 +939,7 @@ class H2FrontConnection(_H2Peer):
             self.answer(exchange, Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
             return
         trusted = self.ctx.trusted(client_ip)
-        forwarding = forwarding_headers(forwarded_for if trusted else [], forwarded if trusted else [],
-                                        client_ip, authority)
+        forwarding = forwarding_headers(forwarded_for, forwarded, client_ip, authority, trusted=trusted)
         if self.pool is not None:
             fields = [(b"host", authority)] + regular + forwarding
             opener: Callable[[], None] = lambda: exchange.begin(fields, declared, ended)  # type: ignore[attr-defined]

@@ -244,8 +244,8 @@ class H1StreamExchange(_Exchange):
 
     def _failed(self, failure: Failure) -> None:
         self._cancel_timer()
-        if self.finished:
-            return
+        if self.finished or self.abandoned:
+            return  # the gateway gave up on the shard itself
         if self.body is not None:
             self.body.discard()
         self._fail_before_response(failure, timed_out=self.timed)
@@ -258,12 +258,15 @@ class H1StreamExchange(_Exchange):
         self.timed = True
         d = self.deferred
         if d is not None and not d.called:
-            d.cancel()
+            d.cancel()  # answered 504 by _failed
         if not self.finished:
             self._fail_before_response(Failure(ierror.TimeoutError("response timeout")), timed_out=True)
             self.front.flush()
 
+    abandoned = False
+
     def _abandon(self) -> None:
+        self.abandoned = True
         if self.body is not None:
             self.body.discard()
         if self.relay is not None:

@@ -223,6 +223,7 @@ class _Exchange:
         self.relay: _ResponseRelay | None = None
         self.timer: Any = None
         self.timed_out = False
+        self.abandoned = False
         self.client_ip = conn.client_ip
 
     # -- the gate ------------------------------------------------------------------------------
@@ -311,6 +312,7 @@ class _Exchange:
 
     def abandon_upstream(self) -> None:
         self.keep_alive = False
+        self.abandoned = True
         if self.body is not None:
             self.body.discard()
         if self.relay is not None:
@@ -384,8 +386,8 @@ class _Exchange:
 
     def _upstream_failed(self, failure: Failure) -> None:
         self._cancel_timer()
-        if self.finished:
-            return
+        if self.finished or self.abandoned:
+            return  # the gateway gave up on the shard itself, and answers the client so
         route = self.conn.route
         status, code, message, reason = upstream_failure_answer(failure, route.shard.id, self.timed_out)
         if reason in ("timeout", "refused", "unreachable"):
