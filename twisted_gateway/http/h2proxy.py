@@ -353,7 +353,7 @@ class ShardConnection(_H2Peer):
         except h2.exceptions.ProtocolError as e:
             metrics.HTTP2_PROTOCOL_ERRORS.labels(peer="shard").inc()
             self.log.warn("shard {address}:{port} broke HTTP/2: {error}", address=self.address,
-                          port=self.port, error=e)
+                          port=self.port, error=protocol_error_kind(e))
             self.flush()
             self.transport.loseConnection()
             return
@@ -708,7 +708,8 @@ class H2FrontConnection(_H2Peer):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             metrics.HTTP2_PROTOCOL_ERRORS.labels(peer="client").inc()
-            self.log.debug("h2 client broke the protocol: {error}", error=e)
+            self.log.info("h2 client {client} broke the protocol: {error}", client=self._client_ip(),
+                          error=protocol_error_kind(e))
             self.flush()  # the GOAWAY h2 prepared
             self.transport.loseConnection()
             return
@@ -1060,6 +1061,18 @@ class H2FrontConnection(_H2Peer):
                     self.transport.loseConnection()
             else:
                 self._arm_idle()
+
+
+def protocol_error_kind(error: Exception) -> str:
+    """What went wrong, without the peer's bytes: h2's messages quote header values (a
+    credential in a malformed field would reach the log)."""
+    name = type(error).__name__
+    text = str(error)
+    # h2 quotes the offending value after the description (e.g. "... whitespace b'...'").
+    for cut in (" b'", ' b"', ": ", " ("):
+        if cut in text:
+            text = text.split(cut, 1)[0]
+    return f"{name}: {text[:80]}" if text else name
 
 
 def _value_ok(value: bytes) -> bool:
