@@ -311,3 +311,21 @@ def test_h2c_upgrade_is_never_honoured():
     req = upstream.requests[0]
     assert req["upgrade"] is False
     assert not any(n.lower() in (b"upgrade", b"http2-settings", b"connection") for n, _ in req["headers"])
+
+
+def test_a_client_that_half_closes_after_its_requests_still_gets_every_answer():
+    conn, transport, upstream, _ = connection()
+    conn.dataReceived(b"GET /1 HTTP/1.1\r\nHost: web-80.gw.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: web-80.gw.test\r\n\r\n")
+    conn.readConnectionLost()
+    assert not transport.disconnecting
+    upstream.answer(0, b"one")
+    assert not transport.disconnecting
+    upstream.answer(1, b"two")
+    assert transport.value().count(b"HTTP/1.1 200") == 2 and transport.disconnecting
+
+
+def test_a_client_that_half_closes_mid_body_abandons_the_shard_request():
+    conn, transport, upstream, _ = connection()
+    conn.dataReceived(b"POST / HTTP/1.1\r\nHost: web-80.gw.test\r\nContent-Length: 10\r\n\r\nabc")
+    conn.readConnectionLost()
+    assert upstream.requests[0]["d"].called and not upstream.requests[0]["done"]

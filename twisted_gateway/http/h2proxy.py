@@ -34,9 +34,11 @@ import h2.exceptions
 import h2.settings
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import UNKNOWN_LENGTH
 
@@ -1095,6 +1097,7 @@ def _grpc_message(text: str) -> bytes:
     return bytes(out)
 
 
+@implementer(IHalfCloseableProtocol)
 class H2PortProtocol(Protocol):
     """
     The application protocol of a TLS connection to an ``h2`` port: once the handshake has
@@ -1119,6 +1122,17 @@ class H2PortProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.inner.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        # An HTTP/1.1 client may half-close after its last request and still read the answer.
+        if IHalfCloseableProtocol.providedBy(self.inner):
+            self.inner.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if IHalfCloseableProtocol.providedBy(self.inner):
+            self.inner.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._upstream is not None:

@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -433,6 +434,7 @@ class _Exchange:
         self.conn.exchange_done(self, self.keep_alive and keep_alive, abort)
 
 
+@implementer(IHalfCloseableProtocol)
 class H1ProxyConnection(Protocol):
     """An HTTP/1.1 client connection to a shard port, proxied request by request."""
 
@@ -454,6 +456,7 @@ class H1ProxyConnection(Protocol):
         """Client bytes after a request that asked to switch protocols, until the shard answers."""
         self.draining = False
         self.closing = False
+        self.read_closed = False
         self.client_ip = "?"
         self._pauses: set[str] = set()
         self._idle: Any = None
@@ -496,6 +499,21 @@ class H1ProxyConnection(Protocol):
             exchange.abandon_upstream()
             self._access_log(exchange, "client_gone")
         self.transport = None
+
+    def readConnectionLost(self) -> None:
+        """The client half-closed: answer what it sent whole, then close."""
+        self.read_closed = True
+        exchange = self.exchange
+        if exchange is not None and not exchange.request_done and not exchange.finished:
+            # It stopped in the middle of a request: that request will never be complete.
+            exchange.abandon_upstream()
+            exchange.finish("client_gone", keep_alive=False, abort=True)
+            return
+        if exchange is None and not self.events:
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        self._close()
 
     def drain(self) -> None:
         """The gateway is stopping: end keep-alive after the request in progress."""
@@ -596,7 +614,9 @@ class H1ProxyConnection(Protocol):
                 self.events.extend(self.reader.feed(chunk))
         self.resume("pipelined")
         self._process()
-        if self.exchange is None and not self.events:
+        if self.exchange is None and not self.events and self.read_closed:
+            self._close()
+        elif self.exchange is None and not self.events:
             if self.reader.in_head and self._head_timer is None:
                 self._head_timer = self.reactor.callLater(self.ctx.limits.request_head_timeout,
                                                           self._head_timeout)
