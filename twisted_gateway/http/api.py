@@ -1,18 +1,26 @@
 """
-The gateway's own REST API, served on the bare hostname (Klein).
+The gateway's own REST API, served on the bare hostname (Klein), and the twisted.web site that
+serves it (L{api_site}).
 
 Every call needs a control-plane token; what it returns is limited to the tasks the token's
 ``prefixes`` cover.  A list selector must name the tasks it is about (``task`` or
 ``task_prefix`` in ``include``) and the token must cover them: the API never enumerates the
 whole directory for a caller.
+
+A request body is only read once the request head has shown a valid token and a declared
+length within the limit (L{APIRequest}): an anonymous client cannot make the gateway receive,
+buffer or spool a body at all.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, Callable
 
 from klein import Klein
+from twisted.web import http
+from twisted.web.server import Request, Site
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.interfaces import IShardDirectory
@@ -22,6 +30,8 @@ from twisted_gateway.names import shard_server_name
 
 _SELECTOR_KEYS = {"include", "exclude"}
 _PSEUDO_LABELS = {"task", "task_prefix"}
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+"""The body limit of a request not served through L{api_site} (limits.api_max_body_bytes)."""
 
 
 class APIError(Exception):
@@ -85,10 +95,12 @@ class GatewayAPI:
             request.setHeader(b"access-control-allow-origin", origin)
             request.setHeader(b"vary", b"Origin")
 
-    def _claims(self, request: Any) -> dict[str, Any]:
+    def claims_for(self, authorization: bytes | None) -> dict[str, Any]:
+        """The claims of the token in an C{Authorization} value; raise L{APIError} if it is
+        missing or not valid (or auth is not configured)."""
         if self.verifier is None:
             raise APIError(503, "auth_not_configured", "the API needs auth.* to be configured")
-        token = bearer_token(request.getHeader(b"authorization"))
+        token = bearer_token(authorization)
         decision = (self.verifier.verify(token) if token else
                     AuthDecision("missing", 401, "a bearer token is required"))
         metrics.AUTH_DECISIONS.labels(outcome=decision.outcome).inc()
@@ -97,14 +109,22 @@ class GatewayAPI:
         assert decision.claims is not None
         return decision.claims
 
+    def _claims(self, request: Any) -> dict[str, Any]:
+        # An APIRequest that carried a body had its token checked from the head already.
+        claims = getattr(request, "head_claims", None)
+        if claims is not None:
+            return claims
+        return self.claims_for(request.getHeader(b"authorization"))
+
     def _body(self, request: Any) -> dict[str, Any]:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if ctype != b"application/json":
             raise APIError(415, "unsupported_media_type", "send the request body as application/json")
+        limit = getattr(request, "body_limit", DEFAULT_MAX_BODY_BYTES)
         request.content.seek(0)
-        raw = request.content.read(1024 * 1024 + 1)
-        if len(raw) > 1024 * 1024:
-            raise APIError(413, "too_large", "the request body exceeds 1 MiB")
+        raw = request.content.read(limit + 1)
+        if len(raw) > limit:
+            raise too_large(limit)
         try:
             doc = json.loads(raw or b"{}")
         except ValueError:
@@ -113,13 +133,17 @@ class GatewayAPI:
             raise APIError(400, "bad_json", "the request body must be a JSON object")
         return doc
 
+    def error(self, request: Any, error: APIError) -> bytes:
+        """Set the status and headers of C{error} on C{request} and return its JSON body."""
+        if error.status == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="twisted-gateway"')
+        return self._json(request, error.status, {"error": error.code, "message": error.message})
+
     def _handle(self, request: Any, fn: Callable[[Any], Any]) -> bytes:
         try:
             status, doc = fn(request)
         except APIError as e:
-            if e.status == 401:
-                request.setHeader(b"www-authenticate", b'Bearer realm="twisted-gateway"')
-            return self._json(request, e.status, {"error": e.code, "message": e.message})
+            return self.error(request, e)
         return self._json(request, status, doc)
 
     def _describe(self, shard: Shard) -> dict[str, Any]:
@@ -199,6 +223,221 @@ class GatewayAPI:
         return self.app.resource()
 
 
+def _size(limit: int) -> str:
+    for unit, name in ((1024 * 1024, "MiB"), (1024, "KiB")):
+        if limit >= unit and limit % unit == 0:
+            return f"{limit // unit} {name}"
+    return f"{limit} bytes"
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, "too_large", f"the request body exceeds {_size(limit)}")
+
+
+class APIRequest(Request):
+    """
+    A request of the REST API that is judged on its head, before its body is read.
+
+    twisted.web reads (and past 100 kB spools to a temporary file) the whole body before the
+    resource sees the request.  Here the two hooks the channel calls on the way are used
+    instead: C{gotLength} (once the head is parsed, with the declared length: RFC 9112 section
+    6.3) and C{handleContentChunk} (each piece of the body as it is decoded).  A request that
+    carries a body needs a valid token to be read at all (every route that reads a body needs
+    one, and no route reads the body of any other request), and the body may not exceed the
+    site's C{max_body_bytes}.  A refused request is answered at once, in the API's JSON error
+    format, and its body is never kept: HTTP/1.1 is refused before a byte of the body is read
+    and the connection is closed (RFC 9112 section 9.6); h2 is judged on its first DATA frame
+    (its header block may give content-length before authorization) and the stream is reset
+    with NO_ERROR once the answer is out (RFC 9113 section 8.1), so at most the client's first
+    flow-control window (64 KiB) arrives and is dropped.
+    """
+
+    head_claims: dict[str, Any] | None = None
+    """The claims of the token, when it was checked from the head (see L{GatewayAPI._claims})."""
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # The API reads JSON only: never parse a form body into request.args.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(channel, *args, **kwargs)
+        site = channel.site
+        self.api: GatewayAPI = site.api
+        self.body_limit: int = site.max_body_bytes
+        self._declared: int | None = None
+        self._received = 0
+        self._judged = False
+        self._answered = False
+        self._deferred_refusal: APIError | None = None
+        self._buffer = io.BytesIO()
+
+    # -- the channel's hooks ----------------------------------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        # Never a temporary file: a body is at most body_limit bytes.
+        self._buffer = io.BytesIO()
+        self.content = self._buffer  # type: ignore[assignment]  # (declared None by twisted)
+        self._declared = length
+        if isinstance(self.channel, http.HTTPChannel):
+            # HTTP/1.1 calls this once all header fields are in (HTTPChannel.allHeadersReceived):
+            # chunked (None) or a positive Content-Length means a body follows.  The h2 stream
+            # calls it when it meets content-length, maybe before later fields (such as
+            # authorization), so h2 is judged on the first DATA frame or at the end of stream.
+            self._judge(carries_body=length is None or length > 0, ended=False)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._answered or self._deferred_refusal is not None:
+            return  # refused: what still arrives is dropped, never kept
+        if not self._judged:
+            self._judge(carries_body=True, ended=False)
+            if self._answered or self._deferred_refusal is not None:
+                return
+        self._received += len(data)
+        if self._received > self.body_limit:
+            # A chunked (or h2) body that declared no length, or more than it declared.
+            self._refuse(too_large(self.body_limit), ended=False)
+            return
+        self._buffer.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # The whole request is in (for h2: the client ended the stream).
+        if self._answered:
+            return
+        if self._deferred_refusal is not None:
+            self._refuse(self._deferred_refusal, ended=True)
+            return
+        if not self._judged:
+            self._judge(carries_body=self._received > 0, ended=True)
+            if self._answered:
+                return
+        super().requestReceived(command, path, version)
+
+    # -- judging and answering ------------------------------------------------------------------
+
+    def _judge(self, carries_body: bool, ended: bool) -> None:
+        self._judged = True
+        if carries_body:
+            # The token before the size: an anonymous client learns nothing about limits.
+            try:
+                self.head_claims = self.api.claims_for(self.getHeader(b"authorization"))
+            except APIError as e:
+                self._refuse(e, ended)
+                return
+        if self._declared is not None and self._declared > self.body_limit:
+            self._refuse(too_large(self.body_limit), ended)
+
+    def _learn_request_line(self) -> None:
+        # requestReceived sets these from the same values once the body is in; an answer given
+        # before that needs them now (the status line's version, HEAD, the metrics' method).
+        channel = self.channel
+        if isinstance(channel, http.HTTPChannel):
+            self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        else:
+            self.method, self.uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
+        self.path = self.uri.split(b"?", 1)[0]
+
+    def _refuse(self, error: APIError, ended: bool) -> None:
+        """Answer C{error} now; C{ended}: the whole request has arrived."""
+        channel = self.channel
+        h2_stream = not isinstance(channel, http.HTTPChannel)
+        if h2_stream and not ended:
+            # Before the end of an h2 stream, answer only if the stream can be reset right
+            # after the answer; else the client's later DATA frames would arrive for a stream
+            # twisted has forgotten.  Without that hook the body is dropped as it comes and the
+            # answer waits for the end of the stream.
+            if not _reset_stream_after_response(channel):
+                self._deferred_refusal = error
+                return
+        self._answered = True
+        self._deferred_refusal = None
+        self._learn_request_line()
+        body = self.api.error(self, error)
+        self.setHeader(b"content-length", str(len(body)).encode())
+        self.setHeader(b"date", http.datetimeToString())
+        # A final answer instead of 100 Continue (RFC 9110 section 10.1.1): the channel must not
+        # send 100 Continue after it.
+        self.requestHeaders.removeHeader(b"expect")
+        if not h2_stream:
+            channel.persistent = False
+            self.setHeader(b"connection", b"close")
+        self.write(body)
+        self.finish()
+        if not h2_stream:
+            _stop_reading(channel)
+
+
+def _stop_reading(channel: http.HTTPChannel) -> None:
+    """
+    After an HTTP/1.1 answer that closes the connection: drop whatever else arrives.
+
+    The channel would go on decoding the rest of the body (the TLS connection hands over what
+    it has already decrypted) and, at its end, look for the request it has just let go; as
+    twisted.web does itself for data after a non-persistent request (HTTPChannel.lineReceived),
+    the channel's input is replaced by nothing.
+    """
+    def drop(*args: Any) -> None:
+        return None
+    channel.dataReceived = drop  # type: ignore[method-assign]
+    channel.rawDataReceived = drop  # type: ignore[method-assign,assignment]
+    channel.lineReceived = drop  # type: ignore[method-assign]
+    channel.allContentReceived = drop  # type: ignore[method-assign]
+
+
+def _reset_stream_after_response(stream: Any) -> bool:
+    """
+    Arrange for an h2 stream to be reset with NO_ERROR as soon as the end of its response has
+    been sent (RFC 9113 section 8.1: the client then stops sending the request body); False if
+    twisted's h2 connection offers no place to hook it.
+
+    twisted sends a response's frames over later reactor turns and forgets the stream once the
+    last is out (H2Connection._requestDone, which fires the stream's cleanup Deferred): the
+    reset must come right then, before any further DATA frame of the client is processed.
+    """
+    connection = getattr(stream, "_conn", None)
+    callbacks = getattr(connection, "_streamCleanupCallbacks", None)
+    stream_id = getattr(stream, "streamID", None)
+    if connection is None or not isinstance(callbacks, dict) or stream_id not in callbacks:
+        return False
+
+    def reset(result: Any) -> Any:
+        from h2.errors import ErrorCodes
+        from h2.exceptions import ProtocolError
+        try:
+            connection.conn.reset_stream(stream_id, error_code=ErrorCodes.NO_ERROR)
+        except ProtocolError:
+            return result  # the client ended the stream meanwhile: nothing to stop
+        transport = connection.transport
+        if transport is not None:
+            transport.write(connection.conn.data_to_send())
+        return result
+    callbacks[stream_id].addCallback(reset)
+    return True
+
+
+class APISite(Site):
+    """The REST API's site: requests are L{APIRequest}s, nothing is logged per request by
+    twisted.web and no traceback is shown (as L{twisted_gateway.http.errors.quiet_site})."""
+
+    requestFactory = APIRequest
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, api: GatewayAPI, max_body_bytes: int) -> None:
+        super().__init__(api.resource())
+        self.api = api
+        self.max_body_bytes = max_body_bytes
+        """The largest request body read; may be changed in place (a reload)."""
+
+    def log(self, request: Any) -> None:
+        return None
+
+
+def api_site(api: GatewayAPI, max_body_bytes: int) -> APISite:
+    """The twisted.web site serving C{api}: a request body is read only after the head showed a
+    valid token, and at most C{max_body_bytes} of it (limits.api_max_body_bytes; then 413)."""
+    if max_body_bytes <= 0:
+        raise ValueError("max_body_bytes must be positive")
+    return APISite(api, max_body_bytes)
+
+
 def openapi_document(hostname: str) -> dict[str, Any]:
     shard_schema = {
         "type": "object",
@@ -239,7 +478,7 @@ def openapi_document(hostname: str) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The matching shards", "content": {"application/json": {"schema": {
                         "type": "object", "properties": {"shards": {"type": "array", "items": {"$ref": "#/components/schemas/Shard"}}}}}}},
-                    "400": error, "401": error, "403": error, "415": error},
+                    "400": error, "401": error, "403": error, "413": error, "415": error},
             }},
             "/v1/shards/stat": {"post": {
                 "operationId": "statShard",
@@ -250,7 +489,7 @@ def openapi_document(hostname: str) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The shard", "content": {"application/json": {"schema": {
                         "type": "object", "properties": {"shard": {"$ref": "#/components/schemas/Shard"}}}}}},
-                    "400": error, "401": error, "404": error, "415": error},
+                    "400": error, "401": error, "404": error, "413": error, "415": error},
             }},
         },
         "components": {

@@ -1,7 +1,8 @@
 """
 What the gateway decides about a proxied HTTP request before it reaches a shard, independent of
 the HTTP version the client speaks: which token it carries, whether it may pass, where a browser
-is sent to sign in, the ``/auth-redirect`` answer, the rate limits, and the forwarding headers.
+is sent to sign in, the ``/auth-redirect`` answer (and which ``orig_url`` it may send a browser
+to), the rate limits, and the forwarding headers (and whose forwarding headers are believed).
 
 The HTTP/1.1 route (twisted.web, L{twisted_gateway.http.proxy}) and the h2 route (frames,
 L{twisted_gateway.http.h2proxy}) both use these, so a request is treated the same whichever way
@@ -10,6 +11,8 @@ it arrives.
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs, quote
 
@@ -17,6 +20,7 @@ import attrs
 
 from twisted_gateway import metrics
 from twisted_gateway.http.auth import AuthDecision, bearer_token
+from twisted_gateway.limits import Network, in_networks, parse_networks
 
 # RFC 9110 7.6.1: connection-specific fields never forwarded.
 HOP_BY_HOP = frozenset({
@@ -68,38 +72,209 @@ def authorize(ctx: Any, token: str | None, task: str) -> AuthDecision:
     return ctx.verifier.authorize(token, task)
 
 
+def header_value_ok(value: bytes) -> bool:
+    """
+    Whether C{value} may be sent as a field value: no control character but horizontal tab.
+
+    RFC 9110 section 5.5: a field value is visible characters, spaces and tabs (bytes over
+    0x7f are obs-text, tolerated); CR, LF and NUL in particular must never be sent, since CR LF
+    would end the field and let the rest of the value be read as another field or as the body
+    (response splitting).  DEL (0x7f) is not a visible character either.
+    """
+    return not any((b < 0x20 and b != 0x09) or b == 0x7F for b in value)
+
+
+# Longest orig_url taken: what the gateway sends to sign in is a URL of its own (RFC 9110
+# section 4.1 recommends supporting 8000 octets in a request target); anything longer is not one.
+MAX_REDIRECT_URL = 8192
+
+# WHATWG URL standard, "forbidden host code point" and "forbidden domain code point" (host
+# parsing, step 7) are all excluded by accepting only LDH labels (RFC 1035 section 2.3.1 /
+# RFC 5890 section 2.3.1); a label may start with a digit (RFC 1123 section 2.1).
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# WHATWG URL standard, "ends in a number checker": such a host is parsed as IPv4.
+_ENDS_IN_NUMBER = re.compile(r"(?:[0-9]+|0[xX][0-9a-fA-F]*)")
+# A token put in the auth cookie: JWS compact serialization is base64url parts joined by dots
+# (RFC 7515 section 7.1), all of them RFC 6265 section 4.1.1 cookie-octets.
+_COOKIE_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.-]+")
+# WHATWG URL standard, percent-encode sets (section 1.3), as far as they concern what is left
+# after refusing controls, spaces and non-ASCII: the query set (for special URLs, with "'"),
+# the path set (the query set with "?", "`", "{", "}") and the fragment set.
+_QUERY_ENCODE = frozenset('"#<>\'')
+_PATH_ENCODE = frozenset('"#<>?`{}')
+_FRAGMENT_ENCODE = frozenset('"<>`')
+_SINGLE_DOT = frozenset({".", "%2e"})
+_DOUBLE_DOT = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
+
+
+def redirect_target(url: str, hostname: str) -> str | None:
+    """
+    The C{Location} to send a browser to for the ``/auth-redirect`` C{orig_url} C{url}, or None
+    when C{url} is not an https URL under C{hostname} (that name or a subdomain) as a browser
+    reads it.
+
+    The reading follows the WHATWG URL standard's basic URL parser (what browsers use for a
+    C{Location}), not RFC 3986: Python's C{urlsplit} reads ``https://evil.example\\@gw.test/``
+    as host ``gw.test``, a browser as host ``evil.example`` with path ``/@gw.test/``.  Where
+    the standard repairs a URL (stripping tabs and newlines, skipping extra slashes, decoding
+    the host) this refuses instead.  The value returned is rebuilt from the parts checked and
+    serialized as the parser would (dot segments resolved, the same characters
+    percent-encoded), so what the browser follows is what was checked.
+    """
+    if not url or len(url) > MAX_REDIRECT_URL:
+        return None
+    # WHATWG "basic URL parser" strips leading and trailing C0 controls and spaces, and removes
+    # every ASCII tab and newline from the input, silently: refuse those, and every other
+    # control, space, DEL and non-ASCII character (percent-encoded, they are fine).
+    if not all(0x21 <= ord(c) <= 0x7E for c in url):
+        return None
+    # The fragment starts at the first "#", the query at the first "?" before it (the scheme,
+    # authority and path states all end at either).  The query and fragment are kept as
+    # written, percent-encoded as the query and fragment states do.
+    end = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+    head, rest = url[:end], url[end:]
+    # In the authority and path states of a special scheme (https is one), a backslash is read
+    # as "/" (a validation error, but it is how the URL is read); in the query and fragment it
+    # stays itself.
+    head = head.replace("\\", "/")
+    # The scheme state lowercases the scheme.  Exactly two slashes must follow: the "special
+    # authority ignore slashes state" would skip any number of slashes (and with an https base
+    # URL, "https:/x" is read as a path relative to the base), so any other count is refused.
+    if head[:8].lower() != "https://" or head[8:9] == "/":
+        return None
+    authority, slash, path = head[8:].partition("/")
+    path = slash + path
+    # Authority state: an "@" makes what precedes it userinfo (the last "@" wins); no URL of
+    # ours carries userinfo.
+    if "@" in authority:
+        return None
+    host, colon, port_text = authority.partition(":")
+    # Host parsing percent-decodes the host (so "%2e" would be a dot) and turns a host in "[]"
+    # into an IPv6 address: neither is ever a name under ours.  IDNA processing (UTS 46, as the
+    # standard's "domain to ASCII" does) lowercases ASCII.
+    host = host.lower()
+    labels = host.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return None  # also an empty host, an empty label, a trailing dot, "%", "[", ":"
+    wanted = hostname.lower()
+    if host != wanted:
+        if not host.endswith("." + wanted):
+            return None
+        # A host whose last label is a number is read as an IPv4 address, not a name.
+        if _ENDS_IN_NUMBER.fullmatch(labels[-1]):
+            return None
+    port = ""
+    if colon:
+        # Port state: ASCII digits only, at most 65535; an empty port is valid there but is
+        # refused here.  Port 0 is no port a browser connects to.
+        if not port_text.isdigit() or len(port_text) > 5:  # (only ASCII is left by now)
+            return None
+        number = int(port_text)
+        if not 1 <= number <= 65535:
+            return None
+        # The default port of https is dropped by the parser (URL serializing omits it).
+        port = "" if number == 443 else f":{number}"
+    # rest is empty, or "?query", "?query#fragment" or "#fragment" (a "?" in the fragment is
+    # part of it).
+    before_fragment, hash_sign, fragment = rest.partition("#")
+    target = f"https://{host}{port}{_path(path)}"
+    if before_fragment:
+        target += "?" + _encode(before_fragment[1:], _QUERY_ENCODE)
+    if hash_sign:
+        target += "#" + _encode(fragment, _FRAGMENT_ENCODE)
+    return target if header_value_ok(target.encode("ascii")) else None
+
+
+def _encode(text: str, encode: frozenset[str]) -> str:
+    return "".join(f"%{ord(c):02X}" if c in encode else c for c in text)
+
+
+def _path(path: str) -> str:
+    """A special URL's path (backslashes already slashes) as the WHATWG path state leaves it:
+    "." and ".." segments (also percent-encoded) resolved, the path set percent-encoded, and
+    an empty path "/"."""
+    segments: list[str] = []
+    parts = path.split("/")[1:] if path else [""]
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        lowered = part.lower()
+        if lowered in _DOUBLE_DOT:
+            if segments:
+                segments.pop()
+            if last:
+                segments.append("")
+        elif lowered in _SINGLE_DOT:
+            if last:
+                segments.append("")
+        else:
+            segments.append(_encode(part, _PATH_ENCODE))
+    return "/" + "/".join(segments)
+
+
+def _quoted_string(text: str) -> str:
+    """C{text} as an RFC 9110 section 5.6.4 quoted-string ('"' and '\\' as quoted-pairs)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _refused(decision: AuthDecision) -> Answer:
+    """The error answer for a refused token: a challenge for 401 (RFC 6750 section 3)."""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if decision.status == 401:
+        challenge = f"Bearer error=\"invalid_token\", error_description={_quoted_string(decision.message)}"
+        value = challenge.encode()
+        if not header_value_ok(value):
+            # The message may quote something the client sent (a key id): never let it add a line.
+            value = b'Bearer error="invalid_token"'
+        headers = ((b"www-authenticate", value),)
+    return Answer(decision.status, headers, (decision.outcome, decision.message))
+
+
 def refusal(ctx: Any, decision: AuthDecision, method: bytes, wants_html: bool, original_url: str) -> Answer:
     """How to answer a request the token check refused (C{ctx} is an C{HTTPRouteContext})."""
     if method == b"GET" and wants_html and decision.status == 401 and ctx.signin_url:
         sep = "&" if "?" in ctx.signin_url else "?"
-        location = f"{ctx.signin_url}{sep}orig_url={quote(original_url, safe='')}"
-        return Answer(307, ((b"location", location.encode()), (b"cache-control", b"no-store")))
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    if decision.status == 401:
-        headers = ((b"www-authenticate",
-                    f'Bearer error="invalid_token", error_description="{decision.message}"'.encode()),)
-    return Answer(decision.status, headers, (decision.outcome, decision.message))
+        # quote(safe="") leaves only unreserved characters of orig_url (RFC 3986 section 2.3);
+        # the guard covers the configured sign-in URL too.
+        location = f"{ctx.signin_url}{sep}orig_url={quote(original_url, safe='')}".encode()
+        if header_value_ok(location):
+            return Answer(307, ((b"location", location), (b"cache-control", b"no-store")))
+    return _refused(decision)
 
 
-def auth_redirect(ctx: Any, query: str) -> Answer:
+def auth_redirect(ctx: Any, query: str, task: str | None = None) -> Answer:
     """
     ``GET /auth-redirect?token=...&orig_url=...``: the control plane sends a signed-in browser
-    here; set the auth cookie and send it back to C{orig_url}, which must be ours.
+    here; set the auth cookie and send it back to C{orig_url}, which must be an https URL under
+    the gateway hostname as a browser reads it (L{redirect_target}).
+
+    With C{task}, the token must open that task (the private port the cookie is for), else the
+    answer is the refusal and no cookie is set; without it, any valid token is taken.
+    C{ctx} is an C{HTTPRouteContext} (C{hostname}, C{verifier}, C{cookie_name},
+    C{cookie_max_age}).
     """
     args = parse_qs(query)
     token = (args.get("token") or [""])[0]
     orig_url = (args.get("orig_url") or [""])[0]
-    if not orig_url or not ctx.url_is_ours(orig_url):
+    location = redirect_target(orig_url, ctx.hostname)
+    if location is None:
         return Answer(400, (), ("bad_orig_url", "orig_url must be an https URL under the gateway hostname"))
     if ctx.verifier is None:
         return Answer(403, (), ("invalid", "auth is not configured"))
-    decision = ctx.verifier.verify(token) if token else AuthDecision("missing", 401, "no token")
-    metrics.AUTH_DECISIONS.labels(outcome=decision.outcome).inc()
+    if task is not None:
+        decision = ctx.verifier.authorize(token or None, task)  # counts the decision itself
+    else:
+        decision = ctx.verifier.verify(token) if token else AuthDecision("missing", 401, "no token")
+        metrics.AUTH_DECISIONS.labels(outcome=decision.outcome).inc()
     if not decision.allowed:
-        return Answer(decision.status, (), (decision.outcome, decision.message))
+        return _refused(decision)
     cookie = (ctx.cookie_name + b"=" + token.encode() +
               b"; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=" + str(ctx.cookie_max_age).encode())
-    return Answer(307, ((b"set-cookie", cookie), (b"location", orig_url.encode()),
+    if not _COOKIE_SAFE_TOKEN.fullmatch(token) or not header_value_ok(cookie):
+        # A verified token is a JWS, so this does not happen; if it did, a ";" or a newline
+        # would add cookie attributes or fields.
+        return Answer(400, (), ("malformed", "the token cannot be set as a cookie"))
+    # redirect_target has checked the value with header_value_ok.
+    return Answer(307, ((b"set-cookie", cookie), (b"location", location.encode("ascii")),
                         (b"cache-control", b"no-store")))
 
 
@@ -123,18 +298,48 @@ def rate_limit_wait(ctx: Any, client_ip: str, decision: AuthDecision | None,
     return 0.0
 
 
+@functools.lru_cache(maxsize=32)
+def _networks(values: tuple[str | Network, ...]) -> tuple[Network, ...]:
+    # Parsed once per configured tuple (configuration objects are frozen, so a reload that
+    # changes http.trusted_proxies brings a new tuple).
+    return parse_networks(str(v) for v in values)
+
+
+def trusted_peer(ip: str, networks: Iterable[str | Network]) -> bool:
+    """
+    Whether the peer C{ip} is one of C{networks} (CIDR strings such as
+    C{http.trusted_proxies}, or parsed networks), whose forwarding fields are believed.
+    Matching is L{twisted_gateway.limits.in_networks}': an IPv4-mapped IPv6 peer is its IPv4
+    address, a zone index is ignored, and something that is not an address matches nothing.
+    Raise ValueError for a value that is not a network (configuration checks this first).
+    """
+    values = networks if isinstance(networks, tuple) else tuple(networks)
+    return bool(values) and in_networks(ip, _networks(values))
+
+
 def forwarding_headers(previous_for: list[bytes], previous_forwarded: list[bytes], client_ip: str,
-                       host: bytes) -> list[tuple[bytes, bytes]]:
-    """X-Forwarded-For (appended), X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239)."""
+                       host: bytes, trusted: bool = False) -> list[tuple[bytes, bytes]]:
+    """
+    X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+
+    The client's own X-Forwarded-For and Forwarded values (C{previous_for},
+    C{previous_forwarded}) are kept, and appended to, only when C{trusted} (the peer is a proxy
+    of ours, L{trusted_peer}); from anyone else they are what the client chose to claim, so
+    they are dropped and the gateway's values replace them (RFC 7239 section 8.1: a proxy must
+    not pass on a Forwarded value it cannot trust as if it could).
+    """
     for_value = f'"[{client_ip}]"' if ":" in client_ip else client_ip
+    kept_for = list(previous_for) if trusted else []
+    kept_forwarded = list(previous_forwarded) if trusted else []
     return [
-        (b"x-forwarded-for", b", ".join(previous_for + [client_ip.encode()])),
+        (b"x-forwarded-for", b", ".join(kept_for + [client_ip.encode()])),
         (b"x-forwarded-proto", b"https"),
         (b"x-forwarded-host", host),
         (b"forwarded", b", ".join(
-            previous_forwarded + [f"for={for_value};proto=https;host={host.decode('latin-1')}".encode()])),
+            kept_forwarded + [f"for={for_value};proto=https;host={host.decode('latin-1')}".encode()])),
     ]
 
 
-__all__ = ["Answer", "HOP_BY_HOP", "auth_redirect", "authorize", "cookie_value", "forwarding_headers",
-           "rate_limit_wait", "refusal", "request_token", "strip_cookie"]
+__all__ = ["Answer", "HOP_BY_HOP", "MAX_REDIRECT_URL", "auth_redirect", "authorize", "cookie_value",
+           "forwarding_headers", "header_value_ok", "rate_limit_wait", "redirect_target", "refusal",
+           "request_token", "strip_cookie", "trusted_peer"]
