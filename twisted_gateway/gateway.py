@@ -30,7 +30,7 @@ from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.frontdoor import FrontDoorFactory
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.proxy import HTTPRouteContext
-from twisted_gateway.http.api import GatewayAPI, openapi_document
+from twisted_gateway.http.api import GatewayAPI, api_site, openapi_document
 from twisted_gateway.http.errors import error_site, quiet_site
 from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource, load_client_ca
 from twisted_gateway.directory.model import Route
@@ -211,7 +211,7 @@ class Gateway:
         self.http.access_log = config.log.access_log
         self.api = GatewayAPI(self.directory, verifier, self.hostname, config.api.cors_allowed_origin,
                               lambda: openapi_document(self.hostname))
-        self.api_site = quiet_site(self.api.resource())
+        self.api_site = api_site(self.api, config.limits.api_max_body_bytes)
         if config.directory.file is not None:
             self.directory_provider = FileDirectoryProvider(
                 config.directory.file, self.directory, config.directory.poll_interval)
@@ -396,6 +396,7 @@ class Gateway:
         self.http.tunnel_idle_timeout = new.tcp.idle_timeout
         self.api.verifier = verifier
         self.api.cors_origin = new.api.cors_allowed_origin
+        self.api_site.max_body_bytes = new.limits.api_max_body_bytes
         logs.set_level(self.observer, new.log.level)
         self.log.info("configuration reloaded from {source}", source=new.source)
 
