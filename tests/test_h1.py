@@ -329,3 +329,23 @@ def test_a_client_that_half_closes_mid_body_abandons_the_shard_request():
     conn.dataReceived(b"POST / HTTP/1.1\r\nHost: web-80.gw.test\r\nContent-Length: 10\r\n\r\nabc")
     conn.readConnectionLost()
     assert upstream.requests[0]["d"].called and not upstream.requests[0]["done"]
+
+
+def test_the_body_of_an_upgrade_request_that_is_not_honoured_is_read_with_its_framing():
+    got = events(b"POST / HTTP/1.1\r\nHost: web-80.gw.test\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: web-80.gw.test\r\n\r\n")
+    assert got[0].body == "chunked" and got[1:3] == [b"hello", END]
+    assert got[3].target == b"/next" and got[4] is END
+
+
+def test_a_websocket_upgrade_with_a_body_and_chunked_http10_are_refused():
+    assert head_of(b"GET / HTTP/1.1\r\nHost: web-80.gw.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   b"Content-Length: 3\r\n\r\nabc").status == 400
+    assert head_of(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n").reason == "bad_framing"
+    assert head_of(b"GET /x\r\n\r\n").status == 400  # HTTP/0.9
+
+
+def test_a_body_found_malformed_in_the_read_that_carried_its_head_never_reaches_the_shard():
+    conn, transport, upstream, _ = connection()
+    conn.dataReceived(b"POST / HTTP/1.1\r\nHost: web-80.gw.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert upstream.requests == [] and transport.value().startswith(b"HTTP/1.1 400 ")

@@ -91,6 +91,8 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
     The head of one request as the gateway will act on it, or why it is refused.  Pure: every
     rule here is unit-tested on bytes.
     """
+    if version.startswith("0."):
+        return _bad(400, "bad_request", "the request line is not METHOD target HTTP/1.x")
     if version not in ("1.1", "1.0"):
         return _bad(505, "bad_request", "only HTTP/1.1 and HTTP/1.0 are served")
     if method == b"CONNECT":
@@ -153,6 +155,9 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
         # an obfuscated spelling, two fields) is not a framing it will act on.
         if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
             return _bad(501, "unsupported_coding", "the only transfer coding accepted is chunked")
+        if version == "1.0":
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing.
+            return _bad(400, "bad_framing", "an HTTP/1.0 request cannot be chunked")
         body, length = "chunked", None
     elif lengths:
         value = lengths[0].strip()
@@ -168,6 +173,10 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
     else:
         keep_alive = b"keep-alive" in conn_tokens and b"close" not in conn_tokens
     upgrades = tuple(_tokens(upgrade)) if b"upgrade" in conn_tokens else ()
+    if b"websocket" in upgrades and body != "none":
+        # RFC 6455 4.1: the opening handshake is a GET without a body; one with a body is
+        # not an upgrade the gateway would let the shard accept.
+        return _bad(400, "bad_request", "a websocket upgrade request carries no body")
     return RequestHead(
         method=method, target=target, version=version, fields=tuple(fields), host=host_value,
         body=body, length=length, keep_alive=keep_alive,
@@ -204,6 +213,8 @@ class RequestReader:
         self._fields: list[tuple[bytes, bytes]] = []
         self._rejected: Rejected | None = None
         self._in_body = False
+        self._upgrade_body: bytes | None = None
+        self._synthetic = False
         self.done = False
         """Nothing more is parsed (a rejection, or a protocol switch was asked for)."""
 
@@ -242,8 +253,12 @@ class RequestReader:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self.done = True
-            self._events.append(Stopped(data[int(e.args[0]):]))
+            rest = data[int(e.args[0]):]
+            if self._upgrade_body is None:
+                self.done = True
+                self._events.append(Stopped(rest))
+            else:
+                self._read_upgrade_body(rest)
         except httptools.HttpParserCallbackError:
             if self._rejected is not None:
                 self._reject(self._rejected)
@@ -257,6 +272,21 @@ class RequestReader:
         else:
             self._quiet = 0
 
+    def _read_upgrade_body(self, rest: bytes) -> None:
+        """
+        llhttp stops right after the head of a request asking to switch protocols, leaving its
+        body unread.  Such a request (h2c and other upgrades the gateway never honours) is
+        forwarded as an ordinary one, so its body must be read with its own framing: a new
+        parser is given the same framing in a head of its own (not reported), then the rest.
+        """
+        framing = self._upgrade_body
+        self._upgrade_body = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._synthetic = True
+        self._parser.feed_data(b"PUT / HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+        if rest:
+            self._feed(rest)
+
     def _reject(self, rejected: Rejected) -> None:
         if not self.done:
             self.done = True
@@ -265,16 +295,19 @@ class RequestReader:
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._synthetic:
+            return
         self._in_head = True
         self._head_bytes = 0
         self._url = b""
         self._fields = []
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if not self._synthetic:
+            self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
+        if not self._in_head or self._synthetic:
             return  # a trailer field: never forwarded (RFC 9110 6.5.1 lets a proxy drop them)
         self._fields.append((name, value))
         if len(self._fields) > self.max_fields:
@@ -282,6 +315,9 @@ class RequestReader:
             raise _Abort()
 
     def on_headers_complete(self) -> None:
+        if self._synthetic:
+            self._synthetic = False
+            return
         self._in_head = False
         self._in_body = True
         self._head_bytes = 0
@@ -291,12 +327,17 @@ class RequestReader:
         if isinstance(head, Rejected):
             self._rejected = head
             raise _Abort()
+        if head.upgrade and head.body != "none":
+            self._upgrade_body = b"Content-Length: %d" % head.length if head.body == "length" \
+                else b"Transfer-Encoding: chunked"
         self._events.append(head)
 
     def on_body(self, body: bytes) -> None:
         self._events.append(body)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_body is not None:
+            return  # llhttp skipped the body: it is read by the next parser
         self._in_body = False
         self._events.append(END)
 

@@ -548,6 +548,12 @@ class H1ProxyConnection(Protocol):
                     break  # pipelined: waits for the response in progress
                 events.popleft()
                 self._cancel_head_timer()
+                broken = self._rejected_ahead()
+                if broken is not None:
+                    # Its body is already known to be malformed: the shard never sees it.
+                    while events and events[0] is not broken:
+                        events.popleft()
+                    continue
                 self.exchange = exchange = _Exchange(self, event)
                 if event.body != "none":
                     self._start_rate_check()
@@ -576,6 +582,15 @@ class H1ProxyConnection(Protocol):
                 self.held = [event.rest] if event.rest else []
         if events and isinstance(events[0], (RequestHead, Rejected)):
             self.pause("pipelined")
+
+    def _rejected_ahead(self) -> Rejected | None:
+        """The rejection already parsed within the request now starting, if any."""
+        for event in self.events:
+            if event is END or isinstance(event, (RequestHead, Stopped)):
+                return None
+            if isinstance(event, Rejected):
+                return event
+        return None
 
     def _reject(self, rejected: Rejected) -> None:
         self._cancel_head_timer()

@@ -195,7 +195,7 @@ class _UpstreamConnection(Protocol):
         self._phrase = b""
         self._code = 0
         self._length: Any = UNKNOWN_LENGTH
-        self._error: BadResponse | None = None
+        self._ready: UpstreamResponse | None = None
         self._close_delimited = False
 
     # -- requests ------------------------------------------------------------------------------
@@ -276,10 +276,17 @@ class _UpstreamConnection(Protocol):
                 self.log.failure("handling a shard response failed", Failure(e.__context__))
                 self.abort()
         except httptools.HttpParserError as e:
-            if self._state == "head":
+            if self._state == "head" or self._ready is not None:
                 self._bad("bad_head", f"malformed response: {e}")
             else:
                 self._bad("bad_body", f"malformed response body: {e}")
+        # The response is handed on only once the whole read that carried its head parsed
+        # cleanly: a head followed by a broken body in the same read is a 502, not a head
+        # relayed and then a cut.
+        ready, self._ready = self._ready, None
+        if ready is not None and self._response_d is not None:
+            d, self._response_d = self._response_d, None
+            d.callback(ready)
 
     def _bad(self, reason: str, detail: str) -> None:
         metrics.UPSTREAM_BAD_RESPONSES.labels(reason=reason).inc()
@@ -287,6 +294,7 @@ class _UpstreamConnection(Protocol):
                       port=self.key[1], detail=detail)
         failure = Failure(BadResponse(reason, detail))
         self._keep_alive = False
+        self._ready = None
         if self._response_d is not None:
             d, self._response_d = self._response_d, None
             d.errback(failure)
@@ -345,9 +353,7 @@ class _UpstreamConnection(Protocol):
         self._code = code
         self._length = length
         self._state = "body"
-        d, self._response_d = self._response_d, None
-        assert d is not None
-        d.callback(UpstreamResponse(self, code, self._phrase, headers, length))
+        self._ready = UpstreamResponse(self, code, self._phrase, headers, length)
 
     def on_body(self, data: bytes) -> None:
         if self._receiver is None:
