@@ -131,8 +131,7 @@ def _front_door():
         _gateway.directory.publish(DirectorySnapshot([Shard(
             id="s", task="t", hostname_label="db", address="127.0.0.1", primary=True,
             ports=(ShardPort(5432, "tcp", True),))]), "fuzz")
-    from twisted_gateway.frontdoor import FrontDoorFactory
-    proto = FrontDoorFactory(_gateway).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    proto = _gateway.tls_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = TCPStringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
                                 hostAddress=IPv4Address("TCP", "127.0.0.1", 28318))
     proto.makeConnection(transport)

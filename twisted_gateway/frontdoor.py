@@ -1,12 +1,14 @@
 """
-The TLS listener's protocol: peek at the ClientHello, decide the route, then terminate TLS with
-the route's context and hand the plaintext to the route's handler.
+The TLS listener's protocol: peek at the ClientHello, decide the route (L{twisted_gateway.routing}),
+then carry the decision out: terminate TLS with the route's context and hand the plaintext to
+the route's handler, relay the TLS stream itself, or refuse.
 
 Deciding before TLS starts (instead of in OpenSSL's servername callback) gives one place for
 the handshake deadline and the ClientHello size bound, lets an unknown name be refused with a
-single alert record without any TLS state, and leaves room for routes that need an
-asynchronous step.  After the decision the protocol's C{dataReceived} is replaced by the TLS
-engine's, so the relay path has no extra Python call per chunk.
+single alert record without any TLS state, lets TLS pass through to a shard untouched, and
+leaves room for routes that need an asynchronous step.  After the decision the protocol's
+C{dataReceived} is replaced by the TLS engine's (or the splice's), so the relay path has no
+extra Python call per chunk.  Each connection keeps the L{Runtime} it was accepted with.
 """
 
 from __future__ import annotations
@@ -19,27 +21,29 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
 from twisted_gateway import clienthello as ch
 from twisted_gateway import metrics
-from twisted_gateway.directory.model import Refusal, Route
-from twisted.web.http import HTTPChannel
-
-from twisted_gateway.limits import in_networks
-from twisted_gateway.names import Foreign, GatewayHost, ShardName, parse_name
-from twisted_gateway.proxyheader import (
-    ProxyHeaderError, ProxyHeaderReader, build_v2, looks_like_proxy_header,
-)
-from twisted_gateway.splice import Splice
-from twisted_gateway.tls.connection import TLSServerConnection
+from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import task_covered
 from twisted_gateway.http.h2proxy import H2FrontConnection, H2PortProtocol, H2Upstream
 from twisted_gateway.http.proxy import H1ProxyConnection
-from twisted_gateway.tls.acme import ACME_TLS_ALPN
+from twisted_gateway.limits import in_networks
+from twisted_gateway.proxyheader import (
+    ProxyHeaderError, ProxyHeaderReader, build_v2, looks_like_proxy_header,
+)
+from twisted_gateway.routing import (
+    HTTP_ALPN, AcmeChallenge, Decision, GatewayApi, H2Route, HttpRoute, Refuse, SpliceRoute,
+    TLSPassthrough, decide,
+)
+from twisted_gateway.runtime import Runtime
+from twisted_gateway.splice import Splice
+from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL, client_certificate_prefixes
 
-_HTTP_ALPN = (b"h2", b"http/1.1")
+_HTTP_ALPN = HTTP_ALPN
 _BAD_REQUEST_HTTP = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Connection: close\r\nContent-Length: 51\r\n\r\n"
@@ -47,13 +51,22 @@ _BAD_REQUEST_HTTP = (
 )
 
 
+class ConnectionTracker:
+    """The open front-door connections of one gateway process, and whether it is draining."""
+
+    def __init__(self) -> None:
+        self.connections: set[FrontDoor] = set()
+        self.draining = False
+
+
 @implementer(IHalfCloseableProtocol)
 class FrontDoor(Protocol):
     log = Logger()
 
-    def __init__(self, gateway: Any) -> None:
-        self.gateway = gateway
-        self.reactor = gateway.reactor
+    def __init__(self, runtime: Runtime, tracker: ConnectionTracker) -> None:
+        self.runtime = runtime
+        self.tracker = tracker
+        self.reactor = runtime.reactor
         self.outcome = "handshake_failed"
         self.server_name: str | None = None
         self.route: Route | None = None
@@ -67,6 +80,7 @@ class FrontDoor(Protocol):
         self._proxy_reader: ProxyHeaderReader | None = None
         self._client_address: Any = None
         self._reader_bytes = b""
+        self._passthrough: Any = None
         self.http_protocol: Any = None
 
     # -- before TLS ------------------------------------------------------------------------
@@ -78,15 +92,15 @@ class FrontDoor(Protocol):
         peer = self.transport.getPeer()
         self.client_host: str = getattr(peer, "host", "?")
         self.client_port: int = getattr(peer, "port", 0)
-        self.gateway.connections.add(self)
-        self._reader = ch.ClientHelloReader(self.gateway.config.tls.max_client_hello_bytes)
-        self._timer = self.reactor.callLater(self.gateway.config.tls.handshake_timeout,
-                                             self._handshake_timed_out)
+        self.tracker.connections.add(self)
+        tls_config = self.runtime.config.tls
+        self._reader = ch.ClientHelloReader(tls_config.max_client_hello_bytes)
+        self._timer = self.reactor.callLater(tls_config.handshake_timeout, self._handshake_timed_out)
         self.transport.setTcpNoDelay(True)
-        if self.gateway.draining:
+        if self.tracker.draining:
             self._refuse_connection("draining")
             return
-        admission = self.gateway.admission
+        admission = self.runtime.admission
         if admission.trusted_proxies and in_networks(self.client_host, admission.trusted_proxies):
             # A trusted balancer: the real client's address comes first, in a PROXY header.
             self._proxy_reader = ProxyHeaderReader()
@@ -94,7 +108,7 @@ class FrontDoor(Protocol):
             self._admit()
 
     def _admit(self) -> bool:
-        why = self.gateway.admission.admit(self.client_host)
+        why = self.runtime.admission.admit(self.client_host)
         if why is not None:
             self._refuse_connection(why)
             return False
@@ -169,88 +183,79 @@ class FrontDoor(Protocol):
         self.transport.loseConnection()
 
     def _route(self, hello: ch.ClientHello) -> None:
-        name = hello.server_name
-        self.server_name = name
-        if name is None:
-            self._refuse_alert("no_sni", ch.ALERT_UNRECOGNIZED_NAME)
-            return
-        if ACME_TLS_ALPN in hello.alpn:
-            challenge = self.gateway.tls_alpn.context_for(name)
-            if challenge is not None:
-                self._answer_tls_alpn_challenge(challenge)
-                return
-            # No challenge of ours is pending for this name: an ordinary connection, so that a
-            # shard's own TLS-ALPN-01 validation is never intercepted (acme-tls/1 is simply
-            # not selected).
-        parsed = parse_name(name, self.gateway.hostname)
-        if isinstance(parsed, Foreign):
-            self._refuse_alert("unknown_name", ch.ALERT_UNRECOGNIZED_NAME)
-            return
-        if isinstance(parsed, GatewayHost):
+        self.server_name = hello.server_name
+        runtime = self.runtime
+        decision = decide(hello, self.client_host, runtime.directory.current(), runtime.policy)
+        self._carry_out(decision, hello)
+
+    def _carry_out(self, decision: Decision, hello: ch.ClientHello) -> None:
+        name = self.server_name or ""
+        if isinstance(decision, Refuse):
+            self._refuse(name, decision)
+        elif isinstance(decision, AcmeChallenge):
+            self._answer_tls_alpn_challenge(decision.context)  # type: ignore[arg-type]
+        elif isinstance(decision, GatewayApi):
             self.outcome = "api"
-            self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.gateway.api_site))
-            return
-        assert isinstance(parsed, ShardName)
-        result = self.gateway.directory.current().resolve(parsed.candidates)
-        if isinstance(result, Refusal):
-            self._refuse_route(name, hello, result)
-            return
-        self.route = result
-        port_filter = self.gateway.port_filter(result.port)
-        if port_filter is not None and not port_filter.permits(self.client_host):
-            self._refuse_route(name, hello, Refusal(
-                "denied_ip", f"port {result.port.port} of {result.shard.hostname_label} does not "
-                             f"admit {self.client_host}"), alert=ch.ALERT_ACCESS_DENIED)
-            return
-        protocol = result.port.protocol
-        if protocol == "http/1.1":
+            self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.runtime.api_site))
+        elif isinstance(decision, HttpRoute):
+            self.route = decision.route
             self.outcome = "http"
-            self._start_tls(name, _HTTP_ALPN, self._http_port_protocol(result, name))
-            return
-        if protocol == "h2" and not (result.port.passthrough and b"h2" in hello.alpn):
+            self._start_tls(name, _HTTP_ALPN, self._http_port_protocol(decision.route, name))
+        elif isinstance(decision, H2Route):
+            self.route = decision.route
             self.outcome = "http"
-            self._start_tls(name, _HTTP_ALPN, self._h2_port_protocol(result, name))
-            return
-        client_auth = False
-        if not result.port.public and self.gateway.contexts.client_ca:
-            client_auth = True  # a client certificate covering the task opens it
-        elif not result.port.public:
-            # Private tcp ports without tcp.client_ca have no way in.
-            self._refuse_route(name, hello, Refusal(
-                "private_port", f"port {result.port.port} of {result.shard.hostname_label} is private"),
-                alert=ch.ALERT_ACCESS_DENIED)
-            return
-        # tcp ports, and h2 clients of public h2 ports marked passthrough: the decrypted
-        # stream goes to the shard's h2c listener as it is.
-        self.outcome = "tcp" if protocol == "tcp" else "http"
+            self._start_tls(name, _HTTP_ALPN, self._h2_port_protocol(decision.route, name))
+        elif isinstance(decision, TLSPassthrough):
+            self.route = decision.route
+            self._pass_tls_through(decision)
+        else:
+            assert isinstance(decision, SpliceRoute)
+            self.route = decision.route
+            # tcp ports, and h2 clients of public h2 ports marked passthrough: the decrypted
+            # stream goes to the shard's port as it is.
+            self.outcome = "tcp" if decision.alpn == "tcp" else "http"
+            self.splice = self._splice(decision.route, decision.send_proxy)
+            self._start_tls(name, ALPN_FOR_PROTOCOL[decision.alpn], self.splice.client,
+                            client_auth_task=decision.client_auth_task)
+
+    def _splice(self, route: Route, send_proxy: bool, first: bytes = b"") -> Splice:
         preamble = b""
-        if result.port.send_proxy:
+        if send_proxy:
             local = self.transport.getHost()
             preamble = build_v2(self.client_host, self.client_port, local.host, local.port)
-        self.splice = Splice(result, self.reactor, self.gateway.config.tcp.connect_timeout,
-                             self.gateway.config.tcp.idle_timeout, self._upstream_failed,
-                             preamble=preamble)
-        self.splice.connect()
-        self._start_tls(name, ALPN_FOR_PROTOCOL[protocol], self.splice.client,
-                        client_auth_task=result.shard.task if client_auth else None)
+        tcp = self.runtime.config.tcp
+        splice = Splice(route, self.reactor, tcp.connect_timeout, tcp.idle_timeout, self._upstream_failed,
+                        preamble=preamble + first)
+        splice.connect()
+        return splice
 
-    def _refuse_route(self, name: str, hello: ch.ClientHello, refusal: Refusal,
-                      alert: int = ch.ALERT_UNRECOGNIZED_NAME) -> None:
-        offered_http = any(p in _HTTP_ALPN for p in hello.alpn)
-        if not offered_http:
-            self._refuse_alert(refusal.reason, alert)
+    def _pass_tls_through(self, decision: TLSPassthrough) -> None:
+        """The shard terminates TLS: replay the ClientHello to it and relay both ways."""
+        self.outcome = "tls_passthrough"
+        reader, self._reader = self._reader, None
+        assert reader is not None
+        self._cancel_timer()  # the handshake is the shard's now; the splice's idle timeout holds
+        splice = self._splice(decision.route, decision.send_proxy, first=reader.buffered)
+        self.splice = splice
+        self._passthrough = splice.client
+        self.dataReceived = splice.client.dataReceived  # type: ignore[method-assign]
+        splice.client.makeConnection(self.transport)
+
+    def _refuse(self, name: str, refusal: Refuse) -> None:
+        if not refusal.page:
+            self._refuse_alert(refusal.reason, refusal.alert)
             return
         # A client that speaks HTTP gets a page that says what was not found.
         metrics.ROUTE_REFUSALS.labels(reason=refusal.reason).inc()
         self.outcome = "refused"
         self.log.debug("refused {peer} for {name}: {detail}", peer=self._peer(), name=name,
                        detail=refusal.detail)
-        site = self.gateway.error_site(refusal.http_status, refusal.reason, refusal.detail)
+        site = self.runtime.error_site(refusal.http_status, refusal.reason, refusal.detail)
         self._start_tls(name, _HTTP_ALPN, self._http_protocol(site))
 
     def _http_protocol(self, site: Any) -> Any:
         """An HTTP channel for C{site} with the configured limits."""
-        limits = self.gateway.config.limits
+        limits = self.runtime.config.limits
         site.timeOut = limits.http_idle_timeout
         proto = site.buildProtocol(self._client_address or self.transport.getPeer())
         channel = getattr(proto, "_channel", None)
@@ -266,8 +271,8 @@ class FrontDoor(Protocol):
     def _http_port_protocol(self, route: Route, name: str) -> H2PortProtocol:
         """An http/1.1 port: h2 clients stream by stream, HTTP/1.1 clients request by request,
         both to the shard's HTTP/1.1 listener through the pool."""
-        http = self.gateway.http
-        limits = self.gateway.config.limits
+        http = self.runtime.http
+        limits = self.runtime.config.limits
         return H2PortProtocol(
             lambda: H2FrontConnection(route, http, limits.max_header_bytes, limits.http_idle_timeout,
                                       server_name=name, pool=http.upstream),
@@ -277,8 +282,8 @@ class FrontDoor(Protocol):
     def _h2_port_protocol(self, route: Route, name: str) -> H2PortProtocol:
         """An h2 port: h2 clients frame by frame to the shard's h2c listener; HTTP/1.1 clients
         request by request, each as a stream on one h2c connection."""
-        http = self.gateway.http
-        limits = self.gateway.config.limits
+        http = self.runtime.http
+        limits = self.runtime.config.limits
         return H2PortProtocol(
             lambda: H2FrontConnection(route, http, limits.max_header_bytes, limits.http_idle_timeout,
                                       server_name=name),
@@ -325,7 +330,7 @@ class FrontDoor(Protocol):
 
     def _start_tls(self, name: str, protocols: tuple[bytes, ...], handler: Any,
                    client_auth_task: str | None = None) -> None:
-        acme = self.gateway.acme
+        acme = self.runtime.acme
         if acme is not None and acme.config.on_demand_wait > 0 and not acme.issued(name):
             from twisted_gateway.tls.acme.manager import wait_for_certificate
             acme.pair_for(name)  # may start an on-demand issuance
@@ -346,7 +351,7 @@ class FrontDoor(Protocol):
 
     def _start_tls_now(self, name: str, protocols: tuple[bytes, ...], handler: Any,
                        client_auth_task: str | None = None) -> None:
-        ctx = self.gateway.contexts.context_for(name, protocols, client_auth_task is not None)
+        ctx = self.runtime.contexts.context_for(name, protocols, client_auth_task is not None)
         if ctx is None:
             self._refuse_alert("no_certificate", ch.ALERT_UNRECOGNIZED_NAME)
             return
@@ -414,7 +419,9 @@ class FrontDoor(Protocol):
     # -- connection end ----------------------------------------------------------------------
 
     def readConnectionLost(self) -> None:
-        if self._tls is not None:
+        if self._passthrough is not None:
+            self._passthrough.readConnectionLost()
+        elif self._tls is not None:
             self._tls.raw_read_connection_lost()
         elif self._reader is not None:
             # The client went away mid-ClientHello.
@@ -427,18 +434,20 @@ class FrontDoor(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
         self._cancel_timer()
-        self.gateway.connections.discard(self)
+        self.tracker.connections.discard(self)
         if self._admitted:
             self._admitted = False
-            self.gateway.admission.release(self.client_host)
+            self.runtime.admission.release(self.client_host)
         if self._reader is not None:
             self._reader = None
             metrics.HANDSHAKE_FAILURES.labels(reason="client_closed").inc()
         metrics.CONNECTIONS_ACTIVE.dec()
         metrics.CONNECTIONS_CLOSED.labels(outcome=self.outcome).inc()
-        if self._tls is not None:
+        if self._passthrough is not None:
+            self._passthrough.connectionLost(reason)
+        elif self._tls is not None:
             self._tls.raw_connection_lost(reason)
-        if self.gateway.config.log.access_log:
+        if self.runtime.config.log.access_log:
             self._access_log()
 
     def _peer(self) -> str:
@@ -464,11 +473,18 @@ class _CloseAfterHandshake(Protocol):
 
 
 class FrontDoorFactory(Factory):
+    """Builds front doors with the Runtime in force: a reload swaps L{runtime}, the one
+    reference, and connections already open keep theirs."""
+
     protocol = FrontDoor  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, gateway: Any) -> None:
-        self.gateway = gateway
+    def __init__(self, runtime: Runtime, tracker: ConnectionTracker) -> None:
+        self.runtime = runtime
+        self.tracker = tracker
 
     def buildProtocol(self, addr: Any) -> FrontDoor:
-        return FrontDoor(self.gateway)
+        return FrontDoor(self.runtime, self.tracker)
+
+
+__all__ = ["ConnectionTracker", "FrontDoor", "FrontDoorFactory"]

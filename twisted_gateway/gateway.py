@@ -22,16 +22,17 @@ from twisted.logger import Logger
 from twisted_gateway import logs, metrics
 from twisted_gateway.config import ConfigError, load_config
 from twisted_gateway.http.auth import verifier_from_config
-from twisted_gateway.limits import Admission, IPFilter, parse_networks
+from twisted_gateway.limits import Admission, parse_networks
 from twisted_gateway.admin import AdminApp
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.file import FileDirectoryProvider
 from twisted_gateway.directory.interfaces import ShardDirectory
-from twisted_gateway.frontdoor import FrontDoorFactory
+from twisted_gateway.frontdoor import ConnectionTracker, FrontDoorFactory
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.proxy import HTTPRouteContext
 from twisted_gateway.http.api import GatewayAPI, api_site, openapi_document
-from twisted_gateway.http.errors import error_site, quiet_site
+from twisted_gateway.http.errors import quiet_site
+from twisted_gateway.runtime import build_runtime
 from twisted_gateway.tls.contexts import ContextCache, LocalCASource, StaticFileSource, load_client_ca
 from twisted_gateway.directory.model import Route
 from twisted_gateway.names import GatewayHost, ShardName, parse_name
@@ -172,10 +173,7 @@ class Gateway:
         self.directory = ShardDirectory()
         self.services: list[Service] = []
         self.reload_from = reload_from
-        self.connections: set[Any] = set()
-        self.draining = False
-        self.admission = Admission(config.limits, config.proxy_protocol, reactor.seconds)
-        self._port_filters: dict[tuple[tuple[str, ...], tuple[str, ...]], IPFilter] = {}
+        self.tracker = ConnectionTracker()
         self.static_source: StaticFileSource | None = None
         self.directory_provider: FileDirectoryProvider | None = None
         ensure_private_dir(config.state_dir)
@@ -202,16 +200,13 @@ class Gateway:
             self.services.append(self.acme)
             source = self.acme
         self.contexts = ContextCache(source, client_ca=client_ca)
-        self.http = HTTPRouteContext(
-            reactor, self.hostname, verifier, config.tcp.connect_timeout, config.http.response_timeout,
-            config.auth.signin_url, config.auth.cookie_name, config.auth.cookie_max_age,
-            config.http.pool_size, limits=config.limits, trusted_proxies=config.http.trusted_proxies,
-            tunnel_idle_timeout=config.tcp.idle_timeout)
-        self.http.admission = lambda: self.admission
-        self.http.access_log = config.log.access_log
         self.api = GatewayAPI(self.directory, verifier, self.hostname, config.api.cors_allowed_origin,
                               lambda: openapi_document(self.hostname))
         self.api_site = api_site(self.api, config.limits.api_max_body_bytes)
+        self.runtime = build_runtime(config, reactor, directory=self.directory, contexts=self.contexts,
+                                     verifier=verifier, api_site=self.api_site, tls_alpn=self.tls_alpn,
+                                     acme=self.acme)
+        self.tls_factory = FrontDoorFactory(self.runtime, self.tracker)
         if config.directory.file is not None:
             self.directory_provider = FileDirectoryProvider(
                 config.directory.file, self.directory, config.directory.poll_interval)
@@ -219,7 +214,7 @@ class Gateway:
         else:
             from twisted_gateway.demo import DemoService
             self.services.append(DemoService(reactor, self.directory, self.hostname))
-        self.tls_listener = ListenerService("tls", reactor, config.listen.tls, FrontDoorFactory(self))
+        self.tls_listener = ListenerService("tls", reactor, config.listen.tls, self.tls_factory)
         self.admin = AdminApp(self.readiness, self.http01)
         self.plain_listener = ListenerService("plain", reactor, config.listen.plain,
                                               quiet_site(self.admin.resource()))
@@ -259,21 +254,18 @@ class Gateway:
             return isinstance(self.directory.current().resolve(parsed.candidates), Route)
         return False
 
-    def error_site(self, status: int, code: str, message: str) -> Any:
-        return error_site(status, code, message)
+    @property
+    def http(self) -> HTTPRouteContext:
+        """The HTTP route settings in force (those of the current Runtime)."""
+        return self.runtime.http
 
+    @property
+    def connections(self) -> set[Any]:
+        return self.tracker.connections
 
-    def port_filter(self, port: Any) -> IPFilter | None:
-        """The allow/deny filter of a shard port, or None when it has none."""
-        if not port.allow and not port.deny:
-            return None
-        key = (port.allow, port.deny)
-        found = self._port_filters.get(key)
-        if found is None:
-            if len(self._port_filters) > 4096:
-                self._port_filters.clear()
-            found = self._port_filters[key] = IPFilter(parse_networks(port.allow), parse_networks(port.deny))
-        return found
+    @property
+    def draining(self) -> bool:
+        return self.tracker.draining
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         reasons = []
@@ -294,6 +286,7 @@ class Gateway:
     def service(self) -> GatewayService:
         self.observer = logs.make_observer(self.config.log.format, self.config.log.level)
         root = GatewayService(self.observer, self)
+        self.root = root
         for s in self.services:
             s.setServiceParent(root)
         return root
@@ -306,7 +299,7 @@ class Gateway:
         (HTTP keep-alive ends after the request in progress), then close what is left.
         /readyz answers 503 from the first moment.
         """
-        self.draining = True
+        self.tracker.draining = True
         deadline = self.reactor.seconds() + self.config.limits.drain_timeout
         count = len(self.connections)
         self.log.info("draining: stopped accepting, {count} connections open, waiting up to "
@@ -346,6 +339,7 @@ class Gateway:
                 new = load_config(path, overrides)
                 verifier = verifier_from_config(new.auth, new.source, self.reactor)
                 Admission(new.limits, new.proxy_protocol, self.reactor.seconds)
+                parse_networks(new.http.trusted_proxies)
             except (ConfigError, ValueError) as e:
                 self.log.error("reload refused, the running configuration stays: {error}", error=str(e))
                 metrics.CONFIG_RELOADS.labels(outcome="failure").inc()
@@ -376,29 +370,43 @@ class Gateway:
                                acme=old.acme, tcp=attrs.evolve(new.tcp, client_ca=old.tcp.client_ca),
                                log=attrs.evolve(new.log, format=old.log.format))
         self.config = new
-        self.admission = Admission(new.limits, new.proxy_protocol, self.reactor.seconds,
-                                   counter=self.admission.counter)
         if self.directory_provider is not None and new.directory.file is not None:
             self.directory_provider.path = new.directory.file
             self.directory_provider.interval = new.directory.poll_interval
         if self.static_source is not None and new.tls.certificate and new.tls.private_key:
             self.static_source.cert_path = new.tls.certificate
             self.static_source.key_path = new.tls.private_key
+        self._replace_key_fetcher(verifier)
         self.verifier = verifier
-        self.http.verifier = verifier
-        self.http.response_timeout = new.http.response_timeout
-        self.http.connect_timeout = new.tcp.connect_timeout
-        self.http.upstream.connect_timeout = new.tcp.connect_timeout
-        self.http.signin_url = new.auth.signin_url
-        self.http.access_log = new.log.access_log
-        self.http.limits = new.limits
-        self.http.trusted_networks = parse_networks(new.http.trusted_proxies)
-        self.http.tunnel_idle_timeout = new.tcp.idle_timeout
         self.api.verifier = verifier
         self.api.cors_origin = new.api.cors_allowed_origin
         self.api_site.max_body_bytes = new.limits.api_max_body_bytes
+        # The one reference new connections read; open ones keep the Runtime they started with.
+        self.runtime = build_runtime(new, self.reactor, directory=self.directory, contexts=self.contexts,
+                                     verifier=verifier, api_site=self.api_site, tls_alpn=self.tls_alpn,
+                                     acme=self.acme, previous=self.runtime)
+        self.tls_factory.runtime = self.runtime
         logs.set_level(self.observer, new.log.level)
         self.log.info("configuration reloaded from {source}", source=new.source)
+
+    def _replace_key_fetcher(self, verifier: TokenVerifier | None) -> None:
+        """
+        A reload's new verifier brings its own JWKS fetcher: start it in the service tree and
+        stop the old one.  The same URL keeps the keys already fetched (so /readyz stays 200);
+        the same URL and interval keeps the running fetcher itself.
+        """
+        old = self.verifier.jwks if self.verifier is not None else None
+        new = verifier.jwks if verifier is not None else None
+        if old is not None and new is not None and old.url == new.url:
+            if old.refresh == new.refresh:
+                assert verifier is not None
+                verifier.jwks = old
+                return
+            new.keys, new.loaded = dict(old.keys), old.loaded
+        if old is not None and old.parent is not None:
+            old.disownServiceParent()
+        if new is not None and getattr(self, "root", None) is not None:
+            new.setServiceParent(self.root)
 
     def started(self) -> None:
         if self.local_ca is not None:

@@ -41,6 +41,9 @@ class ShardPort:
     passthrough: bool = False
     """Public h2 ports: splice h2 clients' streams to the shard unparsed instead of proxying
     them request by request (faster; no per-request headers, checks or metrics)."""
+    tls_passthrough: bool = False
+    """Public tcp ports: relay the TLS stream itself (ClientHello first) without terminating
+    it; the shard holds its own certificate (and can answer its own TLS-ALPN-01)."""
     max_body_bytes: int | None = None
     """HTTP ports: the largest request body proxied (0: no limit); None: limits.max_body_bytes."""
 
@@ -174,7 +177,7 @@ class DirectorySnapshot:
 _SHARD_KEYS = {"id", "task", "hostname_label", "address", "ports", "labels", "key_begin",
                "rclock_begin", "primary"}
 _PORT_KEYS = {"port", "protocol", "public", "upstream_port", "allow", "deny", "send_proxy", "passthrough",
-              "max_body_bytes"}
+              "max_body_bytes", "tls_passthrough"}
 
 
 def _key(name: Any) -> str:
@@ -222,6 +225,10 @@ def parse_port(doc: Any, where: str) -> ShardPort:
     if passthrough and (protocol != "h2" or not doc.get("public", False)):
         raise _fail(f"{where}.passthrough", "only public h2 ports can be passed through "
                                             "(private ports check a token on every request)")
+    tls_passthrough = _bool(doc.get("tls_passthrough", False), f"{where}.tls_passthrough")
+    if tls_passthrough and (protocol != "tcp" or not doc.get("public", False)):
+        raise _fail(f"{where}.tls_passthrough", "only public tcp ports can pass TLS through "
+                                                "(the gateway cannot check a client it does not terminate)")
     return ShardPort(
         port=_int(doc["port"], f"{where}.port", 1, 65535),
         protocol=protocol,
@@ -231,6 +238,7 @@ def parse_port(doc: Any, where: str) -> ShardPort:
         deny=_networks(doc.get("deny", []), f"{where}.deny"),
         send_proxy=_bool(doc.get("send_proxy", False), f"{where}.send_proxy"),
         passthrough=passthrough,
+        tls_passthrough=tls_passthrough,
         max_body_bytes=None if doc.get("max_body_bytes") is None else
         _int(doc["max_body_bytes"], f"{where}.max_body_bytes", 0, 2 ** 62),
     )
@@ -318,6 +326,7 @@ def shard_to_dict(shard: Shard) -> dict[str, Any]:
              **({"deny": list(p.deny)} if p.deny else {}),
              **({"send_proxy": True} if p.send_proxy else {}),
              **({"passthrough": True} if p.passthrough else {}),
+             **({"tls_passthrough": True} if p.tls_passthrough else {}),
              **({"max_body_bytes": p.max_body_bytes} if p.max_body_bytes is not None else {})}
             for p in shard.ports
         ],

@@ -55,7 +55,7 @@ class HTTPRouteContext:
                  connect_timeout: float, response_timeout: float, signin_url: str | None,
                  cookie_name: str, cookie_max_age: int, pool_size: int = 64,
                  limits: Any = None, trusted_proxies: tuple[str, ...] = (),
-                 tunnel_idle_timeout: float = 3600.0) -> None:
+                 tunnel_idle_timeout: float = 3600.0, upstream: UpstreamPool | None = None) -> None:
         from twisted_gateway.config import LimitsConfig
         self.reactor = reactor
         self.hostname = hostname
@@ -71,7 +71,7 @@ class HTTPRouteContext:
         # Set by the gateway: the admission state in force (rate limits), swapped on reload.
         self.admission: Any = None
         self.access_log = True
-        self.upstream = UpstreamPool(reactor, connect_timeout, pool_size)
+        self.upstream = upstream if upstream is not None else UpstreamPool(reactor, connect_timeout, pool_size)
 
     def trusted(self, client_ip: str) -> bool:
         return bool(self.trusted_networks) and in_networks(client_ip, self.trusted_networks)
