@@ -431,10 +431,11 @@ def test_chunked_streaming_head_204_reuse_and_truncation(start_gateway):
         assert status == 200 and headers.get("content-length") == "12345"
         status, _, body = curl(gw, name, "/4")
         assert status == 204 and body == b""
-        # Four requests, one upstream connection: keep-alive reuse.
+        # Keep-alive reuse for the first three; a HEAD response retires its connection (a shard
+        # that sends a body after it anyway must not answer the next client with it).
         assert state["requests"][:4] == ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1", "HEAD /3 HTTP/1.1",
                                          "GET /4 HTTP/1.1"]
-        assert state["connections"] == 1
+        assert state["connections"] == 2
         # A body cut short by the shard reaches the client as a truncated response, not a
         # complete one.
         out = subprocess.run([which("curl"), "-sS", "--http1.1", "--cacert", gw.ca_path, "--resolve",

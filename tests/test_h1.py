@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.client import ResponseDone
 from twisted.python.failure import Failure
@@ -165,8 +166,8 @@ def test_response_fields_for_the_client_lose_hop_by_hop_and_framing():
 
 @pytest.mark.parametrize("method, path, problem", [
     (b"GET", b"/ok?x=1", None), (b"OPTIONS", b"*", None), (b"GET", b"*", "'*' is a :path for OPTIONS only"),
-    (b"GET", b"/a b", ":path holds a space or control byte"), (b"GET", b"/a\tb", ":path holds a space or control byte"),
-    (b"GET", b"/a\x7f", ":path holds a space or control byte"), (b"GET", b"http://x/", ":path is not origin-form"),
+    (b"GET", b"/a b", ":path holds a space, control or non-ASCII byte"), (b"GET", b"/a\tb", ":path holds a space, control or non-ASCII byte"),
+    (b"GET", b"/a\x7f", ":path holds a space, control or non-ASCII byte"), (b"GET", b"http://x/", ":path is not origin-form"),
     (b"G ET", b"/", ":method is not a token"), (b"", b"/", ":method is not a token"),
 ])
 def test_h2_request_lines_that_cannot_become_http11(method, path, problem):
@@ -349,3 +350,96 @@ def test_a_body_found_malformed_in_the_read_that_carried_its_head_never_reaches_
     conn, transport, upstream, _ = connection()
     conn.dataReceived(b"POST / HTTP/1.1\r\nHost: web-80.gw.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     assert upstream.requests == [] and transport.value().startswith(b"HTTP/1.1 400 ")
+
+
+# -- found by a red-team run -------------------------------------------------------------------
+
+def test_an_empty_upgrade_token_list_cannot_turn_a_body_into_a_request():
+    """llhttp stops after any Connection: upgrade + Upgrade head, even 'Upgrade: ,'."""
+    conn, transport, upstream, _ = connection()
+    smuggled = b"POST /store HTTP/1.1\r\nHost: web-80.gw.test\r\nContent-Length: 300\r\n\r\n"
+    conn.dataReceived(b"POST /x HTTP/1.1\r\nHost: web-80.gw.test\r\nConnection: upgrade\r\nUpgrade: ,\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+    assert len(upstream.requests) == 1 and upstream.requests[0]["body"] == smuggled
+    assert upstream.requests[0]["done"]
+    upstream.answer(0)
+    conn.dataReceived(b"GET /victim HTTP/1.1\r\nHost: web-80.gw.test\r\nCookie: s=secret\r\n\r\n")
+    assert [r["path"] for r in upstream.requests] == [b"/x", b"/victim"]
+
+
+def test_no_pipelined_request_starts_while_the_client_does_not_read():
+    conn, transport, upstream, _ = connection()
+    conn.dataReceived(b"GET /1 HTTP/1.1\r\nHost: web-80.gw.test\r\n\r\n" * 3)
+    conn.pauseProducing()  # the client's socket buffer is full
+    upstream.answer(0)
+    assert len(upstream.requests) == 1
+    conn.resumeProducing()
+    assert len(upstream.requests) == 2
+
+
+def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout():
+    conn, transport, upstream, reactor = connection(http_idle_timeout=5.0)
+    conn.dataReceived(b"GET /big HTTP/1.1\r\nHost: web-80.gw.test\r\n\r\n")
+    conn.pauseProducing()
+    reactor.advance(5.0)
+    assert upstream.requests[0]["d"].called  # the shard request is let go
+    assert transport.disconnecting or transport.disconnected
+
+
+def test_empty_lines_do_not_keep_a_connection_open():
+    conn, transport, upstream, reactor = connection(http_idle_timeout=3.0)
+    for _ in range(10):
+        conn.dataReceived(b"\r\n")
+        reactor.advance(1.0)
+    assert transport.disconnecting
+
+
+class _Pool:
+    def release(self, conn):
+        self.released = conn
+
+    def forget(self, conn):
+        pass
+
+
+def upstream_connection(method: bytes = b"GET"):
+    from twisted_gateway.http.upstream import _UpstreamConnection
+    conn = _UpstreamConnection(_Pool(), ("127.0.0.1", 80))
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    got: list = []
+    conn.send(method, b"%s / HTTP/1.1\r\nHost: x\r\n\r\n" % method, None).addBoth(got.append)
+    return conn, transport, got
+
+
+def test_a_shards_endless_trailer_is_bounded():
+    conn, transport, got = upstream_connection()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ")
+    assert not transport.disconnecting
+    for _ in range(20):
+        conn.dataReceived(b"a" * 8192)
+    assert transport.disconnecting  # cut at 64 KiB of one field, not held to the end
+
+
+def test_an_interim_response_with_a_body_is_a_bad_response():
+    from twisted_gateway.http.upstream import BadResponse
+    conn, transport, got = upstream_connection()
+    conn.dataReceived(b"HTTP/1.1 150 Odd\r\nContent-Length: 5\r\n\r\nEVIL!HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(got[0], Failure) and got[0].check(BadResponse)
+
+
+def test_head_after_early_hints_gets_its_final_response_and_never_pools():
+    conn, transport, got = upstream_connection(b"HEAD")
+    assert conn.busy
+    conn.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                      b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\n\r\n")
+    assert got and got[0].code == 200 and got[0].headers.getRawHeaders(b"content-length") == [b"12345"]
+    got[0].deliverBody(Protocol())
+    assert not conn.reusable
+
+
+@pytest.mark.parametrize("name, value", [(b"x-a", b"a\x01b"), (b"x-a", b"a\x7fb"), (b"x(a)", b"v"), (b'x"a', b"v")])
+def test_h2_fields_an_http11_line_cannot_carry(name, value):
+    from twisted_gateway.http.framing import h2_field_problem
+    assert h2_field_problem(name, value) is not None
+    assert h2_field_problem(b"x-ok", b"tab\tok") is None

@@ -95,8 +95,18 @@ def h2_target_problem(method: bytes, path: bytes) -> str | None:
         return None if method == b"OPTIONS" else "'*' is a :path for OPTIONS only"
     if not path.startswith(b"/"):
         return ":path is not origin-form"
-    if any(c <= 0x20 or c == 0x7F for c in path):
-        return ":path holds a space or control byte"
+    if any(c <= 0x20 or c >= 0x7F for c in path):
+        return ":path holds a space, control or non-ASCII byte"
+    return None
+
+
+def h2_field_problem(name: bytes, value: bytes) -> str | None:
+    """Why an h2 field cannot be written on an HTTP/1.1 line (RFC 9110 5.1, 5.5), or None: the
+    h2 library refuses only NUL, CR and LF, and an HTTP/1.1 shard would read the rest."""
+    if not is_token(name):
+        return "a field name is not a token"
+    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+        return "a field value holds a control byte"
     return None
 
 
@@ -120,4 +130,4 @@ def authority_host(authority: bytes) -> bytes | None:
 
 
 __all__ = ["HOP_BY_HOP", "authority_host", "client_fields_for_shard", "connection_named",
-           "h2_target_problem", "is_token", "response_fields_for_client", "safe_phrase"]
+           "h2_field_problem", "h2_target_problem", "is_token", "response_fields_for_client", "safe_phrase"]

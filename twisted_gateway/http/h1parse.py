@@ -237,19 +237,21 @@ class RequestReader:
                     self._reject(_bad(431, "header_too_large", "the request head is too large"))
                     break
                 part, data = data[:allowance], data[allowance:]
-                self._feed(part)
+                leftover = self._feed(part)
                 if self._in_head:
                     self._head_bytes += len(part)
+                data = leftover + data
             else:
-                self._feed(data)
-                data = b""
+                data = self._feed(data)
         return events
 
     def _between_requests(self) -> bool:
         return not self._in_head and not self._in_body
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> bytes:
+        """Feed C{data}; return bytes still to be fed (after a switch to a new parser)."""
         before = len(self._events)
+        leftover = b""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -258,7 +260,9 @@ class RequestReader:
                 self.done = True
                 self._events.append(Stopped(rest))
             else:
-                self._read_upgrade_body(rest)
+                self._read_upgrade_body()
+                leftover = rest
+            data = data[:int(e.args[0])]
         except httptools.HttpParserCallbackError:
             if self._rejected is not None:
                 self._reject(self._rejected)
@@ -271,8 +275,9 @@ class RequestReader:
                 self._reject(_bad(431, "header_too_large", "a header or trailer field is too large"))
         else:
             self._quiet = 0
+        return leftover
 
-    def _read_upgrade_body(self, rest: bytes) -> None:
+    def _read_upgrade_body(self) -> None:
         """
         llhttp stops right after the head of a request asking to switch protocols, leaving its
         body unread.  Such a request (h2c and other upgrades the gateway never honours) is
@@ -284,8 +289,6 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._synthetic = True
         self._parser.feed_data(b"PUT / HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
-        if rest:
-            self._feed(rest)
 
     def _reject(self, rejected: Rejected) -> None:
         if not self.done:
@@ -327,7 +330,9 @@ class RequestReader:
         if isinstance(head, Rejected):
             self._rejected = head
             raise _Abort()
-        if head.upgrade and head.body != "none":
+        if parser.should_upgrade() and head.body != "none":
+            # llhttp will stop after this head and leave the body unread (it decides on its own
+            # reading of Connection and Upgrade, which an empty token list still satisfies).
             self._upgrade_body = b"Content-Length: %d" % head.length if head.body == "length" \
                 else b"Transfer-Encoding: chunked"
         self._events.append(head)

@@ -46,7 +46,7 @@ from twisted_gateway import metrics
 from twisted_gateway.fastwrite import write_now
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.errors import negotiate, render_error
-from twisted_gateway.http.framing import authority_host, h2_target_problem
+from twisted_gateway.http.framing import authority_host, h2_field_problem, h2_target_problem
 from twisted_gateway.http.upstream import RawHeaders, upstream_failure_answer
 from twisted_gateway.http.policy import (
     Answer, auth_redirect, authorize, forwarding_headers, rate_limit_wait, refusal, request_token,
@@ -689,6 +689,7 @@ class H2FrontConnection(_H2Peer):
         """Bytes of request bodies kept for replay, over all streams (L{REPLAY_CONNECTION_LIMIT})."""
         self.closing = False
         self._idle: Any = None
+        self._stall: Any = None
         self.lost = False
 
     # -- connection ------------------------------------------------------------------------------
@@ -802,11 +803,28 @@ class H2FrontConnection(_H2Peer):
 
     def resumeProducing(self) -> None:
         self.pending_control = 0
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
         super().resumeProducing()
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._stall is None and self.transport is not None:
+            self._stall = self.reactor.callLater(self.idle_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        """The client has read nothing for limits.http_idle_timeout: let its streams go."""
+        self._stall = None
+        if self.transport is not None:
+            self.log.info("h2 client {client} stopped reading: closing", client=self._client_ip())
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
         self._cancel_idle()
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
         for exchange in list(self.exchanges.values()):
             exchange.client_reset()
         for shard in list(self.shards):
@@ -847,10 +865,13 @@ class H2FrontConnection(_H2Peer):
         cookies: list[bytes] = []
         forwarded_for: list[bytes] = []
         forwarded: list[bytes] = []
+        problem: str | None = None
         for name, value in headers:
             if name[:1] == b":":
                 pseudo[name] = value
                 continue
+            if problem is None:
+                problem = h2_field_problem(name, value)
             if name == b"authorization":
                 authorization = value
                 if private:
@@ -882,13 +903,15 @@ class H2FrontConnection(_H2Peer):
                 content_length = value
                 if self.pool is not None:
                     continue  # the HTTP/1.1 upstream writes its own framing
-            elif name == b"te" and self.pool is not None:
-                continue  # "te: trailers" means nothing to an HTTP/1.1 hop
+            elif name in (b"te", b"trailer") and self.pool is not None:
+                continue  # hop-by-hop on an HTTP/1.1 hop ("te: trailers" means nothing there)
             regular.append((name, value))
         method = pseudo.get(b":method", b"GET")
         path = pseudo.get(b":path", b"/")
         authority = pseudo.get(b":authority", b"")
-        problem = h2_target_problem(method, path)
+        problem = problem or h2_target_problem(method, path)
+        if problem is None and pseudo.get(b":scheme", b"https") not in (b"https", b"http"):
+            problem = ":scheme is not https"
         if problem is None and len(hosts) > 1:
             problem = "more than one host field"
         if problem is None and hosts and authority and hosts[0] != authority:
@@ -898,6 +921,8 @@ class H2FrontConnection(_H2Peer):
             metrics.HTTP_REJECTED.labels(reason="bad_request").inc()
             self.log.info("h2 request from {client} refused: {problem}", client=self._client_ip(), problem=problem)
             self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            if not self.exchanges:
+                self._arm_idle()  # a refused stream is no activity
             return
         authority = authority or (hosts[0] if hosts else b"")
         exchange_class = _Exchange if self.pool is None else _h1_exchange_class()

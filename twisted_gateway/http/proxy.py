@@ -167,10 +167,10 @@ class _ResponseRelay(Protocol):
         self.done = False
 
     def makeConnection(self, transport: Any) -> None:
+        # The shard's socket is paused while the client's is full (see H1ProxyConnection's
+        # producer methods, which pass the signal on).
         self.transport = transport
-        client = self.exchange.conn.transport
-        if client is not None:
-            client.registerProducer(transport, True)
+        self.exchange.conn.relay_started(transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.done or not data:
@@ -186,8 +186,7 @@ class _ResponseRelay(Protocol):
             return
         self.done = True
         client = self.exchange.conn.transport
-        if client is not None:
-            client.unregisterProducer()
+        self.exchange.conn.relay_stopped()
         if reason is not None and not reason.check(ResponseDone):
             # The shard broke off mid-body: the client sees a cut connection, never a short
             # body that looks whole.
@@ -457,6 +456,9 @@ class H1ProxyConnection(Protocol):
         self.draining = False
         self.closing = False
         self.read_closed = False
+        self.write_paused = False
+        self.relay_transport: Any = None
+        self._stall: Any = None
         self.client_ip = "?"
         self._pauses: set[str] = set()
         self._idle: Any = None
@@ -471,7 +473,53 @@ class H1ProxyConnection(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = str(getattr(peer, "host", "?"))
+        # The client's socket tells this connection when its buffer is full (IPushProducer):
+        # the response in progress is paused at the shard, and no further pipelined request
+        # is started until the client reads again.
+        self.transport.registerProducer(self, True)
         self._arm_idle()
+
+    # -- the client's write buffer (IPushProducer) -------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+        if self.relay_transport is not None:
+            self.relay_transport.pauseProducing()
+        if self._stall is None:
+            self._stall = self.reactor.callLater(self.ctx.limits.http_idle_timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        if self.relay_transport is not None:
+            self.relay_transport.resumeProducing()
+        if self.exchange is None and self.events and not self.closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _stalled(self) -> None:
+        """The client has read nothing for http_idle_timeout while a response waits."""
+        self._stall = None
+        self.log.info("client {client} stopped reading: closing", client=self.client_ip)
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.abandon_upstream()
+            exchange.finish("client_stalled", keep_alive=False, abort=True)
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.abortConnection()
+
+    def relay_started(self, transport: Any) -> None:
+        self.relay_transport = transport
+        if self.write_paused:
+            transport.pauseProducing()
+
+    def relay_stopped(self) -> None:
+        self.relay_transport = None
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
@@ -481,15 +529,19 @@ class H1ProxyConnection(Protocol):
             if sum(map(len, self.held)) > 64 * 1024:
                 self.pause("held")
             return
-        self._cancel_idle()
-        self.events.extend(self.reader.feed(data))
+        events = self.reader.feed(data)
+        if events or self.reader.in_head:
+            # Only a request (or the start of one) counts as activity: empty lines between
+            # requests (RFC 9112 2.2) do not hold the connection open.
+            self._cancel_idle()
+        self.events.extend(events)
         if self.reader.in_head and self._head_timer is None:
             self._head_timer = self.reactor.callLater(self.ctx.limits.request_head_timeout, self._head_timeout)
         self._process()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closing = True
-        for timer in (self._idle, self._head_timer, self._rate_timer):
+        for timer in (self._idle, self._head_timer, self._rate_timer, self._stall):
             if timer is not None and timer.active():
                 timer.cancel()
         exchange, self.exchange = self.exchange, None
@@ -544,8 +596,8 @@ class H1ProxyConnection(Protocol):
             event = events[0]
             exchange = self.exchange
             if isinstance(event, RequestHead):
-                if exchange is not None:
-                    break  # pipelined: waits for the response in progress
+                if exchange is not None or self.write_paused:
+                    break  # pipelined: waits for the response in progress, and for the client to read
                 events.popleft()
                 self._cancel_head_timer()
                 broken = self._rejected_ahead()
@@ -579,9 +631,18 @@ class H1ProxyConnection(Protocol):
                     self._reject(event)
             elif isinstance(event, Stopped):
                 events.popleft()
+                if exchange is not None and exchange.head.body != "none":
+                    # Never: a request with a body is read to its end before a switch. Bytes
+                    # after it cannot be trusted to be anything.
+                    self.log.error("protocol switch after a request with a body: closing")
+                    self._close()
+                    return
                 self.held = [event.rest] if event.rest else []
         if events and isinstance(events[0], (RequestHead, Rejected)):
             self.pause("pipelined")
+        if self.exchange is None and not self.events and not self.reader.in_head and self._idle is None \
+                and not self.closing:
+            self._arm_idle()
 
     def _rejected_ahead(self) -> Rejected | None:
         """The rejection already parsed within the request now starting, if any."""
@@ -649,7 +710,8 @@ class H1ProxyConnection(Protocol):
         splice = Splice(self.route, self.reactor, self.ctx.connect_timeout, self.ctx.tunnel_idle_timeout,
                         preamble=b"".join(held), on_done=self._tunnel_done)
         splice.adopt()
-        tls.unregisterProducer()
+        tls.unregisterProducer()  # this connection's producer role ends with it
+        self.relay_transport = None
         tls.switch_protocol(splice.client)
         if self._pauses:
             self._pauses.clear()

@@ -174,6 +174,11 @@ class _UpstreamConnection(Protocol):
         self._tunnel: Any = None
         self._reset()
 
+    @property
+    def reusable(self) -> bool:
+        """Idle, and nothing about its framing state in doubt."""
+        return self._state == "idle" and self._keep_alive and not self.busy
+
     def connectionMade(self) -> None:
         callback, self._on_connected = self._on_connected, None
         if callback is not None:
@@ -197,6 +202,8 @@ class _UpstreamConnection(Protocol):
         self._length: Any = UNKNOWN_LENGTH
         self._ready: UpstreamResponse | None = None
         self._close_delimited = False
+        self._events = 0
+        self._quiet = 0
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -256,9 +263,13 @@ class _UpstreamConnection(Protocol):
         head, rest = self._head_buffer[:end + 4], self._head_buffer[end + 4:]
         self._head_buffer = b""
         self._feed(head)
+        if self._state == "head" and self._parser is not None and rest:
+            self._head_of_head(rest)  # that was an interim response (103 Early Hints): the final one follows
+            return
         if self._state == "body":
-            if rest:
-                self._keep_alive = False
+            # A HEAD response never returns its connection to the pool: a shard that sends the
+            # body anyway (a common bug) would have it read as the next client's response.
+            self._keep_alive = False
             self._body_done()
 
     def _feed(self, data: bytes) -> None:
@@ -267,6 +278,7 @@ class _UpstreamConnection(Protocol):
             if self._head_bytes > MAX_HEAD:
                 self._bad("head_too_large", "response head too large")
                 return
+        self._events = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -280,6 +292,14 @@ class _UpstreamConnection(Protocol):
                 self._bad("bad_head", f"malformed response: {e}")
             else:
                 self._bad("bad_body", f"malformed response body: {e}")
+        if not self._events and self._state == "body":
+            # Bytes with no event: a trailer field or chunk extension still growing (httptools
+            # collects a field whole, and joins it piece by piece): bounded like a head.
+            self._quiet += len(data)
+            if self._quiet > MAX_HEAD:
+                self._bad("bad_body", "a trailer field or chunk line too large")
+        else:
+            self._quiet = 0
         # The response is handed on only once the whole read that carried its head parsed
         # cleanly: a head followed by a broken body in the same read is a 502, not a head
         # relayed and then a cut.
@@ -315,14 +335,20 @@ class _UpstreamConnection(Protocol):
         self._phrase += phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._events += 1
         if self._state == "head":
             self._headers.addRawHeader(name, value)
         # Fields after the body are trailers: dropped (a proxy may, RFC 9110 6.5.1).
 
     def on_headers_complete(self) -> None:
+        self._events += 1
         code = self._parser.get_status_code()
         if 100 <= code < 200 and code != 101:
             # An interim response (RFC 9110 15.2): the final one follows; nothing is relayed.
+            # It has no body: one that declares a framing is not HTTP the gateway can follow.
+            if self._headers.hasHeader(b"content-length") or self._headers.hasHeader(b"transfer-encoding"):
+                self._bad("bad_framing", "an interim response with a body")
+                raise _Abort()
             self._headers = RawHeaders()
             self._phrase = b""
             return
@@ -356,6 +382,10 @@ class _UpstreamConnection(Protocol):
         self._ready = UpstreamResponse(self, code, self._phrase, headers, length)
 
     def on_body(self, data: bytes) -> None:
+        self._events += 1
+        if self._state != "body":
+            self._bad("bad_framing", "body bytes outside a response")
+            raise _Abort()
         if self._receiver is None:
             self._pending.append(data)
             if self.transport is not None:
@@ -364,6 +394,7 @@ class _UpstreamConnection(Protocol):
             self._receiver.dataReceived(data)
 
     def on_message_complete(self) -> None:
+        self._events += 1
         if self._state == "body":
             self._body_done()
 
@@ -564,7 +595,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if conn.transport is not None:
+            if conn.transport is not None and conn.reusable:
                 return conn
         return None
 
