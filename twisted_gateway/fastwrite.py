@@ -7,31 +7,15 @@ paths most chunks go out whole into an empty socket buffer, so sending them dire
 that round (measured in docs/performance.md).  Whatever the socket does not take, and every
 write to a transport that is not a plain TCP connection with an empty queue, goes through
 C{transport.write} as usual, so ordering, backpressure and error handling stay Twisted's.
+
+Seeing that a TCP transport's queue is empty takes Twisted's private write-queue attributes,
+so the function itself lives in L{twisted_gateway._compat} (which falls back to a plain
+C{transport.write} should a Twisted release reorganise them); it is bound here under the
+name the relay code imports, without a wrapper: this is called once per relayed chunk.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.internet import tcp
-
-_TCP = (tcp.Server, tcp.Client)
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    if (type(transport) in _TCP and transport.connected and not transport.disconnecting
-            and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
-            and not transport._writeDisconnected):
-        try:
-            sent = transport.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            sent = 0  # the queued write meets the same error and Twisted reports it
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
+from twisted_gateway._compat import write_now
 
 __all__ = ["write_now"]

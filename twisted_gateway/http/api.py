@@ -23,6 +23,7 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 
 from twisted_gateway import metrics
+from twisted_gateway._compat import h2_stream_forgotten, http11_request_line
 from twisted_gateway.directory.interfaces import IShardDirectory
 from twisted_gateway.directory.model import Shard, shard_to_dict
 from twisted_gateway.http.auth import AuthDecision, TokenVerifier, bearer_token, task_covered
@@ -329,7 +330,11 @@ class APIRequest(Request):
         # before that needs them now (the status line's version, HEAD, the metrics' method).
         channel = self.channel
         if isinstance(channel, http.HTTPChannel):
-            self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+            # Without the channel's record of the request line (see _compat), answer as
+            # HTTP/1.1 (which any 1.x client reads; the connection closes after it) to a POST,
+            # the only method whose body the API reads.
+            self.method, self.uri, self.clientproto = (
+                http11_request_line(channel) or (b"POST", b"/", b"HTTP/1.1"))
         else:
             self.method, self.uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
         self.path = self.uri.split(b"?", 1)[0]
@@ -388,14 +393,14 @@ def _reset_stream_after_response(stream: Any) -> bool:
     twisted's h2 connection offers no place to hook it.
 
     twisted sends a response's frames over later reactor turns and forgets the stream once the
-    last is out (H2Connection._requestDone, which fires the stream's cleanup Deferred): the
-    reset must come right then, before any further DATA frame of the client is processed.
+    last is out (L{h2_stream_forgotten}: the stream's cleanup Deferred): the reset must come
+    right then, before any further DATA frame of the client is processed.
     """
-    connection = getattr(stream, "_conn", None)
-    callbacks = getattr(connection, "_streamCleanupCallbacks", None)
-    stream_id = getattr(stream, "streamID", None)
-    if connection is None or not isinstance(callbacks, dict) or stream_id not in callbacks:
+    found = h2_stream_forgotten(stream)
+    if found is None:
         return False
+    connection, forgotten = found
+    stream_id = stream.streamID
 
     def reset(result: Any) -> Any:
         from h2.errors import ErrorCodes
@@ -408,7 +413,7 @@ def _reset_stream_after_response(stream: Any) -> bool:
         if transport is not None:
             transport.write(connection.conn.data_to_send())
         return result
-    callbacks[stream_id].addCallback(reset)
+    forgotten.addCallback(reset)
     return True
 
 

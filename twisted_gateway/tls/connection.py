@@ -21,22 +21,19 @@ from twisted.internet.interfaces import (
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
+from twisted_gateway._compat import BIO_MEM_DATA as _mem_data
+from twisted_gateway._compat import BIO_POINTER as _POINTER
+from twisted_gateway._compat import memory_bios
 from twisted_gateway.fastwrite import write_now
 from zope.interface import implementer
 
 # One TLS record carries at most 16 KiB of plaintext; SSL_read returns one record per call.
 _RECV_SIZE = 64 * 1024
 
-try:
-    # How many bytes a memory BIO holds, without the exception a failing read raises (which
-    # costs about 3 µs, several times per relayed chunk).  pyOpenSSL does not expose this
-    # publicly; without it the engine falls back to reading until WantReadError.
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-    _mem_data = _lib.BIO_get_mem_data
-    _POINTER = _ffi.new("char**")
-except (ImportError, AttributeError):  # pragma: no cover - other pyOpenSSL builds
-    _mem_data = None
+# _mem_data(bio, _POINTER): how many bytes a memory BIO holds, without the exception a failing
+# read raises (which costs about 3 µs, several times per relayed chunk).  pyOpenSSL does not
+# expose this publicly (see _compat); without it the engine reads until WantReadError.
+
 # Ciphertext waiting in the outgoing BIO after a large write.
 _BIO_READ_SIZE = 256 * 1024
 
@@ -69,9 +66,10 @@ class TLSServerConnection:
         self._write_closed = False
         self._lost = False
         self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
-        self._in_bio = getattr(connection, "_into_ssl", None)
-        self._out_bio = getattr(connection, "_from_ssl", None)
-        self._sized = _mem_data is not None and self._in_bio is not None and self._out_bio is not None
+        bios = memory_bios(connection) if _mem_data is not None else None
+        self._in_bio: Any = bios[0] if bios is not None else None
+        self._out_bio: Any = bios[1] if bios is not None else None
+        self._sized = bios is not None
 
     # -- fed by the front door -------------------------------------------------------------
 
