@@ -3,6 +3,10 @@ Log observers for text and JSON lines, filtered by level, with secrets redacted.
 
 Events are twisted.logger events; the JSON form carries the event's own fields (those that are
 JSON-serializable) so that log pipelines can filter on ``event_kind``, ``shard`` and so on.
+Twisted's own chatter about factories and ports ("Starting factory <...Factory object at
+0x...>", "Site starting on 28317", "(TCP Port 28317 Closed)") is dropped at every level: the
+gateway logs each listener's real address itself, and these lines name only Python objects
+and bare port numbers, once per connection for client factories.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import time
 from typing import IO, Any
 
 from twisted.logger import (
-    FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
+    FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, PredicateResult,
+    formatEvent,
 )
 from twisted.application.service import MultiService
 from zope.interface import implementer
@@ -81,11 +86,35 @@ class JSONObserver:
         self.out.flush()
 
 
+# Factory.doStart/doStop (twisted.internet.protocol), by format: the namespace is the class of
+# each factory, the gateway's own included.
+_FACTORY_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+# Ports still log through the legacy log.msg (namespace "log_legacy"): tcp/unix/udp Port
+# startListening ("<factory log prefix> starting on <port>"), connectionLost
+# ("(TCP Port <port> Closed)"), and a datagram protocol's doStart/doStop.
+_PORT_TEXT = re.compile(r"\S+ starting on (\d+|'[^']*')|\(\w+ Port [^\n]+ Closed\)"
+                        r"|(Starting|Stopping) protocol <[^\n]*>")
+
+
+def is_twisted_chatter(event: dict[str, Any]) -> bool:
+    """Whether C{event} is one of Twisted's factory or port lines (see the module docstring)."""
+    if event.get("log_format") in _FACTORY_FORMATS:
+        return "factory" in event
+    if event.get("log_namespace") == "log_legacy" and not event.get("isError"):
+        text = event.get("log_text")
+        return isinstance(text, str) and _PORT_TEXT.fullmatch(text) is not None
+    return False
+
+
+def _drop_chatter(event: dict[str, Any]) -> PredicateResult:
+    return PredicateResult.no if is_twisted_chatter(event) else PredicateResult.maybe
+
+
 def make_observer(fmt: str, level: str, out: IO[str] | None = None) -> ILogObserver:
     out = out or sys.stdout
     base = JSONObserver(out) if fmt == "json" else TextObserver(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    observer = FilteringLogObserver(base, [predicate])
+    observer = FilteringLogObserver(base, [predicate, _drop_chatter])
     observer.level_predicate = predicate  # type: ignore[attr-defined]
     return observer
 
