@@ -219,12 +219,173 @@ def test_tls_alpn_challenge_certificate_follows_rfc_8737():
 
 
 def test_token_bucket_limits_and_refills():
-    from twisted_gateway.tls.acme.manager import TokenBucket
+    from twisted_gateway.limits import TokenBucket
     now = [0.0]
-    bucket = TokenBucket(rate_per_minute=6, burst=2, clock=lambda: now[0])
+    bucket = TokenBucket(rate=6 / 60, burst=2, clock=lambda: now[0])
     assert [bucket.take() for _ in range(3)] == [True, True, False]
+    assert bucket.wait() == pytest.approx(10.0)
     now[0] += 10  # 6 per minute: one token per 10 s
     assert bucket.take() and not bucket.take()
+    now[0] += 1000
+    assert bucket.full(now[0]) and bucket.take() and bucket.take() and not bucket.take()
+
+
+def test_rate_limiter_keeps_one_bucket_per_key_and_forgets_quiet_ones():
+    from twisted_gateway.limits import RateLimiter
+    now = [0.0]
+    limiter = RateLimiter(rate=1.0, burst=2, clock=lambda: now[0], max_keys=2)
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, pytest.approx(1.0)]
+    assert limiter.take("b") == 0.0
+    now[0] += 0.5
+    assert limiter.take("a") == pytest.approx(0.5)  # half a token back: half a second to go
+    now[0] += 10  # both full again: a third key forgets them instead of growing the table
+    assert limiter.take("c") == 0.0 and set(limiter._buckets) == {"c"}
+    assert RateLimiter(0, 0, lambda: 0.0).take("x") == 0.0  # rate 0: off
+
+
+def test_acme_on_demand_uses_the_shared_bucket_per_minute():
+    from twisted.internet.task import Clock
+    from twisted_gateway.limits import TokenBucket
+    from twisted_gateway.tls.acme.manager import AcmeCertificateSource
+
+    class Config:
+        on_demand_rate = 6.0
+        check_interval = 60.0
+    clock = Clock()
+    source = AcmeCertificateSource(clock, None, None, None, Config(), "gw.test", lambda name: True)
+    assert isinstance(source._bucket, TokenBucket)
+    assert source._bucket.rate == pytest.approx(0.1) and source._bucket.burst == 6.0
+
+
+# -- timers: the directory and certificate pollers ---------------------------------------------
+
+def _directory_file(path, label):
+    import yaml
+    with open(path, "w") as f:
+        yaml.safe_dump({"shards": [{"id": label, "task": f"tasks/{label}", "hostname_label": label,
+                                    "address": "127.0.0.1", "primary": True,
+                                    "ports": [{"port": 9000, "public": True}]}]}, f)
+
+
+def test_directory_poller_applies_a_new_interval_while_running(tmp_path):
+    from twisted.internet.task import Clock
+    from twisted_gateway.directory.file import FileDirectoryProvider
+    from twisted_gateway.directory.interfaces import ShardDirectory
+    path = str(tmp_path / "shards.yaml")
+    _directory_file(path, "alpha")
+    clock, directory = Clock(), ShardDirectory()
+    provider = FileDirectoryProvider(path, directory, interval=60.0, clock=clock)
+    stats = []
+    real_stat = provider._stat
+    provider._stat = lambda: stats.append(clock.seconds()) or real_stat()
+    provider.startService()
+    assert directory.loaded() and stats == [0.0]  # first check at once
+    clock.advance(30)
+    provider.interval = 1.0  # what a reload assigns: takes effect now, not after 60 s
+    assert provider.interval == 1.0 and stats == [0.0, 30.0]
+    clock.advance(1)
+    clock.advance(1)
+    assert stats == [0.0, 30.0, 31.0, 32.0]
+    provider.set_interval(1.0)  # unchanged: no extra check
+    assert stats == [0.0, 30.0, 31.0, 32.0]
+    provider.stopService()
+    assert not clock.getDelayedCalls()
+    provider.set_interval(5.0)  # stopped: remembered for the next start
+    provider.startService()
+    clock.advance(5)
+    assert stats[-2:] == [32.0, 37.0]
+    provider.stopService()
+
+
+def test_directory_poller_logs_an_unexpected_error_and_keeps_polling(tmp_path):
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+    from twisted_gateway.directory.file import FileDirectoryProvider
+    from twisted_gateway.directory.interfaces import ShardDirectory
+    path = str(tmp_path / "shards.yaml")
+    _directory_file(path, "alpha")
+    clock, directory = Clock(), ShardDirectory()
+    provider = FileDirectoryProvider(path, directory, interval=1.0, clock=clock)
+    calls = []
+
+    def broken_stat():
+        calls.append(clock.seconds())
+        if len(calls) == 2:
+            raise RuntimeError("surprise")
+        return None
+    provider._stat = broken_stat
+    failures = []
+    observer = failures.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        provider.startService()
+        clock.advance(1)
+        clock.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        provider.stopService()
+    assert calls == [0.0, 1.0, 2.0]
+    assert any(e.get("log_failure") is not None and "surprise" in str(e["log_failure"].value)
+               for e in failures)
+
+
+def test_certificate_watcher_checks_on_its_interval_and_applies_a_new_one(tmp_path):
+    from twisted.internet.task import Clock
+    from twisted_gateway.tls.contexts import StaticFileSource
+    from twisted_gateway.tls.localca import LocalCA
+    ca = LocalCA(str(tmp_path / "ca"))
+    cert, key = str(tmp_path / "gw.pem"), str(tmp_path / "gw.key")
+    first = ca.write_leaf(("gw.test",), cert, key)
+    clock = Clock()
+    source = StaticFileSource(cert, key, interval=10.0, clock=clock)
+    source.startService()
+    assert source.pair.certificate == first.certificate
+    second = ca.write_leaf(("gw.test", "other.test"), cert, key)
+    clock.advance(9)
+    assert source.pair.certificate == first.certificate
+    clock.advance(1)
+    assert source.pair.certificate == second.certificate
+    source.set_interval(0.5)
+    third = ca.write_leaf(("gw.test",), cert, key)
+    clock.advance(0.5)
+    assert source.interval == 0.5 and source.pair.certificate == third.certificate
+    source.stopService()
+    assert not clock.getDelayedCalls()
+
+
+# -- Twisted's chatter ----------------------------------------------------------------------------
+
+def test_observer_drops_twisted_factory_and_port_chatter_at_every_level():
+    import io
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.logger import Logger, globalLogPublisher
+    from twisted.python import log as legacy
+    from twisted_gateway.logs import is_twisted_chatter, make_observer
+    out = io.StringIO()
+    observer = make_observer("json", "debug", out)
+    everything: list[dict] = []
+    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(everything.append)
+    try:
+        # Twisted's own lines, as its code writes them: a factory started and stopped, a real
+        # port listening on 127.0.0.1 and closed.
+        factory = Factory.forProtocol(Protocol)
+        port = tcp.Port(0, factory, interface="127.0.0.1", reactor=MemoryReactorClock())
+        port.startListening()
+        number = port.getHost().port
+        port.connectionLost(None)
+        legacy.msg(f"Factory starting on {number} is not the whole line, so it stays")
+        Logger(namespace="twisted_gateway.test").info("tls listener on 127.0.0.1:{port}", port=number)
+    finally:
+        globalLogPublisher.removeObserver(everything.append)
+        globalLogPublisher.removeObserver(observer)
+    # Twisted did say it all (starting/stopping factory, starting on, Port Closed)...
+    assert sum(is_twisted_chatter(e) for e in everything) == 4
+    # ...and the observer let through only the rest.
+    messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
+    assert messages == [f"Factory starting on {number} is not the whole line, so it stays",
+                        f"tls listener on 127.0.0.1:{number}"]
 
 
 def test_disk_store_round_trip_and_corruption(tmp_path):

@@ -59,15 +59,53 @@ def in_networks(ip: str, networks: Iterable[Network]) -> bool:
     return addr is not None and any(addr in net for net in networks)
 
 
+class TokenBucket:
+    """
+    Up to C{burst} tokens (at least one), refilled at C{rate} tokens per second of C{clock};
+    full at first.  Spending is for the caller to count: L{take} spends one if there is one.
+    """
+
+    __slots__ = ("rate", "burst", "clock", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.clock = clock
+        self.tokens = self.burst
+        self.stamp = clock()
+
+    def _refill(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens
+
+    def take(self) -> bool:
+        """Spend one token if there is one."""
+        if self._refill(self.clock()) >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until the next token (0 if one is there), as of the last L{take}."""
+        if self.tokens >= 1:
+            return 0.0
+        return (1 - self.tokens) / self.rate if self.rate > 0 else math.inf
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket would be full at C{now} (it has not been used for a while)."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
 class RateLimiter:
-    """One token bucket per key (client IP or token subject), refilled at C{rate} per second."""
+    """One L{TokenBucket} per key (client IP or token subject), refilled at C{rate} per second."""
 
     def __init__(self, rate: float, burst: float, clock: Callable[[], float], max_keys: int = 100_000) -> None:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self.clock = clock
         self.max_keys = max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
     @property
     def enabled(self) -> bool:
@@ -77,24 +115,23 @@ class RateLimiter:
         """0 if allowed, else the seconds until a token is available (for Retry-After)."""
         if self.rate <= 0:
             return 0.0
-        now = self.clock()
-        tokens, stamp = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
-        if tokens >= 1:
-            self._set(key, tokens - 1, now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._add(key)
+        if bucket.take():
             return 0.0
-        self._set(key, tokens, now)
-        return (1 - tokens) / self.rate
+        return bucket.wait()
 
-    def _set(self, key: str, tokens: float, now: float) -> None:
-        if len(self._buckets) >= self.max_keys and key not in self._buckets:
+    def _add(self, key: str) -> TokenBucket:
+        if len(self._buckets) >= self.max_keys:
             # Forget full buckets (clients that have been quiet): they would start full anyway.
-            full = [k for k, (t, s) in self._buckets.items() if t + (now - s) * self.rate >= self.burst]
-            for k in full:
+            now = self.clock()
+            for k in [k for k, b in self._buckets.items() if b.full(now)]:
                 del self._buckets[k]
             if len(self._buckets) >= self.max_keys:
                 self._buckets.clear()
-        self._buckets[key] = (tokens, now)
+        bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self.clock)
+        return bucket
 
 
 def retry_after_header(seconds: float) -> bytes:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 import yaml
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_gateway.directory.interfaces import ShardDirectory
@@ -35,18 +35,43 @@ def load_directory_file(path: str) -> DirectorySnapshot:
     return parse_directory(doc)
 
 
-class FileDirectoryProvider(Service):
+class FileDirectoryProvider(TimerService):
+    """
+    Polls one directory file (a TimerService calling L{check}, the first time when started).
+
+    @ivar path: the file; a reload may point it elsewhere (the next check reads the new one).
+    @ivar interval: seconds between checks; assigning it (or L{set_interval}) takes effect at
+        once, also while running.
+    """
+
     log = Logger()
 
     def __init__(self, path: str, directory: ShardDirectory, interval: float = 0.5,
-                 clock=None) -> None:
+                 clock: IReactorTime | None = None) -> None:
+        super().__init__(interval, self._poll)
         self.path = path
         self.directory = directory
-        self.interval = interval
+        self.clock = clock
         self._stamp: tuple[int, int, int] | None = None
-        self._loop = LoopingCall(self.check)
-        if clock is not None:
-            self._loop.clock = clock
+
+    @property
+    def interval(self) -> float:
+        return float(self.step)
+
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        self.set_interval(seconds)
+
+    def set_interval(self, seconds: float) -> None:
+        """Check every C{seconds} from now on (a running timer restarts, checking at once)."""
+        if seconds == self.step:
+            return
+        self.step = seconds
+        if self.running:
+            # TimerService reads its step only when it starts.  check() never returns a
+            # Deferred, so the stop is complete when stopService returns.
+            TimerService.stopService(self)
+            TimerService.startService(self)
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -55,7 +80,15 @@ class FileDirectoryProvider(Service):
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _poll(self) -> None:
+        try:
+            self.check()
+        except Exception:  # noqa: BLE001 - logged; a TimerService whose call raises stops for good
+            self.log.failure("checking the directory file {path} failed; trying again in "
+                             "{interval}s", path=self.path, interval=self.step)
+
     def check(self, force: bool = False) -> None:
+        """Read the file if it changed (or if C{force}) and publish it, or refuse it."""
         stamp = self._stat()
         if stamp == self._stamp and not force:
             return
@@ -66,12 +99,3 @@ class FileDirectoryProvider(Service):
             self.directory.refuse(self.path, str(e))
             return
         self.directory.publish(snapshot, self.path)
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()

@@ -17,9 +17,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+from twisted.application.internet import TimerService
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
 
@@ -41,27 +41,31 @@ def task_covered(task: str, prefixes: Iterable[str]) -> bool:
     return any(task.startswith(p) for p in prefixes if p)
 
 
-class JWKSKeys(Service):
+class JWKSKeys(TimerService):
     """
     Public keys from the control plane's JWKS URL, fetched with treq at start and every
-    C{refresh} seconds, and early (at most every C{min_interval} seconds) when a token names
-    a key id not seen yet, so rotated keys are picked up without waiting.
+    C{refresh} seconds (a TimerService; the next round waits for a fetch in flight), and early
+    (at most every C{min_interval} seconds) when a token names a key id not seen yet, so
+    rotated keys are picked up without waiting.
     """
 
     log = Logger()
 
     def __init__(self, url: str, refresh: float, reactor: Any = None, min_interval: float = 10.0) -> None:
+        super().__init__(refresh, self._poll)
+        self.clock = reactor
         self.url = url
-        self.refresh = refresh
         self.min_interval = min_interval
         self.keys: dict[str, tuple[Any, str]] = {}
         self.loaded = False
         self._last_fetch = -1e9
         self._fetching = False
-        self._loop = LoopingCall(self.fetch)
-        if reactor is not None:
-            self._loop.clock = reactor
         self._clock = reactor
+
+    @property
+    def refresh(self) -> float:
+        """Seconds between fetches (the timer's step)."""
+        return float(self.step)
 
     def _now(self) -> float:
         if self._clock is None:
@@ -69,14 +73,13 @@ class JWKSKeys(Service):
             self._clock = reactor
         return self._clock.seconds()
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self.refresh, now=True)
-
-    def stopService(self) -> Any:
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()
+    def _poll(self) -> Any:
+        try:
+            return self.fetch()
+        except Exception:  # noqa: BLE001 - logged; a TimerService whose call raises stops for good
+            self._fetching = False
+            self._failed(Failure())
+            return None
 
     def key_for(self, kid: str | None) -> tuple[Any, str] | None:
         if kid is not None and kid in self.keys:

@@ -15,8 +15,8 @@ from typing import Iterable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -84,19 +84,55 @@ def _record_expiry(pair: KeyPair) -> None:
 
 
 @implementer(ICertificateSource)
-class StaticFileSource(Service):
-    """One certificate chain and key from files, re-read when either file changes."""
+class StaticFileSource(TimerService):
+    """
+    One certificate chain and key from files, re-read when either file changes (a
+    TimerService calling L{check}; the first check, when started, finds the files as loaded
+    unless they changed since).
+
+    @ivar cert_path: the chain's file; a reload may point it elsewhere (then call L{reload}).
+    @ivar key_path: the key's file, likewise.
+    @ivar interval: seconds between checks; assigning it (or L{set_interval}) takes effect at
+        once, also while running.
+    """
 
     log = Logger()
 
-    def __init__(self, cert_path: str, key_path: str, interval: float = 1.0) -> None:
+    def __init__(self, cert_path: str, key_path: str, interval: float = 1.0,
+                 clock: IReactorTime | None = None) -> None:
+        super().__init__(interval, self._poll)
+        self.clock = clock
         self.cert_path = cert_path
         self.key_path = key_path
         self.pair = load_pair(cert_path, key_path)
         _record_expiry(self.pair)
         self._stamp = self._stat()
-        self._loop = LoopingCall(self.check)
-        self.interval = interval
+
+    @property
+    def interval(self) -> float:
+        return float(self.step)
+
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        self.set_interval(seconds)
+
+    def set_interval(self, seconds: float) -> None:
+        """Check every C{seconds} from now on (a running timer restarts, checking at once)."""
+        if seconds == self.step:
+            return
+        self.step = seconds
+        if self.running:
+            # TimerService reads its step only when it starts.  check() never returns a
+            # Deferred, so the stop is complete when stopService returns.
+            TimerService.stopService(self)
+            TimerService.startService(self)
+
+    def _poll(self) -> None:
+        try:
+            self.check()
+        except Exception:  # noqa: BLE001 - logged; a TimerService whose call raises stops for good
+            self.log.failure("checking the certificate files failed; trying again in {interval}s",
+                             interval=self.step)
 
     def _stat(self) -> tuple:
         out = []
@@ -134,15 +170,6 @@ class StaticFileSource(Service):
 
     def pair_for(self, name: str) -> KeyPair | None:
         return self.pair
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()
 
 
 @implementer(ICertificateSource)

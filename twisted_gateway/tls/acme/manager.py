@@ -21,14 +21,15 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_gateway import metrics
+from twisted_gateway.limits import TokenBucket
 from twisted_gateway.tls.acme.client import AcmeIssuer, IssuanceError
 from twisted_gateway.tls.acme.store import ICertificateStore, StoredCertificate
 from twisted_gateway.tls.contexts import ICertificateSource
@@ -37,32 +38,22 @@ from twisted_gateway.tls.localca import KeyPair
 Names = tuple[str, ...]
 
 
-class TokenBucket:
-    def __init__(self, rate_per_minute: float, burst: float, clock: Callable[[], float]) -> None:
-        self.rate = rate_per_minute / 60.0
-        self.burst = burst
-        self.tokens = burst
-        self.clock = clock
-        self.stamp = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 @implementer(ICertificateSource)
-class AcmeCertificateSource(Service):
+class AcmeCertificateSource(MultiService):
+    """
+    Two timers run under it (TimerService children, started once the store is loaded): the
+    issue-and-renew L{check} every C{acme.check_interval} seconds, and, with several worker
+    processes, L{sync_store} every C{sync_interval} seconds.  Both run at once when started;
+    an unexpected error in either is logged and the timer keeps going.
+    """
+
     log = Logger()
 
     def __init__(self, reactor: Any, issuer: AcmeIssuer, store: ICertificateStore,
                  fallback: ICertificateSource, config: Any, hostname: str,
                  name_allowed: Callable[[str], bool], threadpool: Any = None,
                  lock: Any = None, board: Any = None, sync_interval: float = 1.0) -> None:
+        super().__init__()
         self.reactor = reactor
         self.issuer = issuer
         self.store = store
@@ -79,17 +70,32 @@ class AcmeCertificateSource(Service):
         self._renew_at: dict[Names, float] = {}
         self._denied: dict[str, float] = {}
         self._semaphore = DeferredSemaphore(2)
-        self._bucket = TokenBucket(config.on_demand_rate, max(1.0, config.on_demand_rate), reactor.seconds)
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = reactor
+        # acme.on_demand_rate is per minute; the burst lets a minute's worth through at once.
+        self._bucket = TokenBucket(config.on_demand_rate / 60.0, max(1.0, config.on_demand_rate),
+                                   reactor.seconds)
         self.lock = lock
         """An L{IssuerLock}: only its holder issues; None when this process is alone."""
         self.board = board
         self._store_stamp: Any = None
         self._waiters: dict[str, list[Deferred]] = {}
-        self._sync = LoopingCall(self.sync_store)
-        self._sync.clock = reactor
-        self._sync_interval = sync_interval
+        self._timers = [self._timer(config.check_interval, self.check, "renewal check")]
+        if lock is not None:
+            self._timers.append(self._timer(sync_interval, self.sync_store, "store sync"))
+        for timer in self._timers:
+            timer.setServiceParent(self)
+
+    def _timer(self, interval: float, work: Callable[[], object], what: str) -> TimerService:
+        def guarded() -> None:
+            # TimerService stops for good when its call raises; a surprise in one round
+            # (a store file half-written by another process, say) must not end renewals.
+            try:
+                work()
+            except Exception:  # noqa: BLE001 - logged, and the next round runs
+                self.log.failure("ACME {what} failed; trying again in {interval}s",
+                                 what=what, interval=interval)
+        timer = TimerService(interval, guarded)
+        timer.clock = self.reactor
+        return timer
 
     def may_issue(self) -> bool:
         """Whether this process is the one that talks to the CA (taking the lock if it is free)."""
@@ -129,7 +135,6 @@ class AcmeCertificateSource(Service):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
         # Only the issuing process moves an unreadable certificate aside (another process
         # may be between writing a certificate and its key).
         for stored in self.store.load_all(quarantine=self.may_issue()):
@@ -144,17 +149,13 @@ class AcmeCertificateSource(Service):
             if not any(names[0] == name for names in self._managed):
                 self._managed[(name,)] = self._challenge_for((name,))
         self._store_stamp = self._stamp()
-        self._loop.start(self.config.check_interval, now=True)
-        if self.lock is not None:
-            self._sync.start(self._sync_interval, now=False)
+        super().startService()  # the timers: a renewal check now
 
     def stopService(self) -> Any:
-        for loop in (self._loop, self._sync):
-            if loop.running:
-                loop.stop()
+        stopped = super().stopService()  # the timers
         if self.lock is not None:
             self.lock.release()  # another worker may take over at once
-        return super().stopService()
+        return stopped
 
     # -- following the store (several processes) -------------------------------------------------
 
@@ -356,4 +357,4 @@ def wait_for_certificate(source: Any, name: str, bound: float, reactor: Any) -> 
     return done
 
 
-__all__ = ["AcmeCertificateSource", "TokenBucket", "wait_for_certificate", "succeed"]
+__all__ = ["AcmeCertificateSource", "wait_for_certificate", "succeed"]
