@@ -2,13 +2,18 @@
 The twistd-facing part: command-line options and makeService.
 
 Command-line flags override the configuration file.  A bad flag or file stops start-up with one
-line on stderr naming the file (or flag), the key and the problem, and exit code 2.
+line on stderr naming the file (or flag), the key and the problem, and exit code 2.  Two modes
+print and exit while the options are parsed, so twistd never builds a service: ``certs list``
+and ``--check`` (validate the configuration, the directory file and the certificates, and
+print a summary).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
+from collections import Counter
 from typing import Any
 
 from twisted.python import usage
@@ -63,6 +68,117 @@ def print_certificates(config: GatewayConfig, out: Any = None) -> None:
         out.write(f"{r['names']:<{width}}  {r['source']:<6}  {r['not_after']:<25}  {r['issuer']}\n")
 
 
+class CheckFailed(Exception):
+    """A problem found by L{check_configuration}; str() is the one sentence shown."""
+
+
+def _listener_problem(config: GatewayConfig, overrides: dict[str, Any], key: str) -> None:
+    """Raise L{CheckFailed} if listen.<key> is not an endpoint description Twisted can build."""
+    description = getattr(config.listen, key)
+    if description.startswith("systemd:"):
+        return  # its descriptors exist only when systemd (or the supervisor) starts the gateway
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    try:
+        serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        where = (f"command line: --{key}-port" if f"listen.{key}" in overrides
+                 else f"{config.source}: listen.{key}")
+        raise CheckFailed(f"{where}: {description!r} is not a usable endpoint description "
+                          f"({e or type(e).__name__})") from None
+
+
+def _auth_summary(config: GatewayConfig, verifier: Any) -> str:
+    auth = config.auth
+    if verifier is None:
+        return "none (private HTTP ports and the REST API refuse every request)"
+    if auth.jwks_url:
+        mode = f"JWKS {auth.jwks_url} (RS256/ES256), refreshed every {auth.jwks_refresh:g}s"
+    elif auth.jwt_public_key:
+        mode = f"{verifier.algorithms[0]} public key {auth.jwt_public_key}"
+    elif auth.jwt_secret_file:
+        mode = f"HS256 shared secret from {auth.jwt_secret_file}"
+    else:
+        mode = "HS256 shared secret (auth.jwt_secret)"
+    claims = [f"{name} {value}" for name, value in (("issuer", auth.issuer), ("audience", auth.audience))
+              if value]
+    return mode + (f"; required {', '.join(claims)}" if claims else "")
+
+
+def check_configuration(config: GatewayConfig, verifier: Any,
+                        overrides: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """
+    What ``--check`` does beyond loading the configuration: build the listeners' endpoints,
+    read and validate the directory file, load the certificate and key (and the client CA
+    bundle), without creating, binding or writing anything.  Returns the summary as
+    (label, text) rows; raises L{CheckFailed} with one sentence on the first problem.
+    """
+    from twisted_gateway.directory.file import load_directory_file
+    from twisted_gateway.directory.model import PROTOCOLS, DirectoryError
+    from twisted_gateway.tls.contexts import (
+        CertificateError, certificate_names, load_client_ca, load_pair,
+    )
+    from twisted_gateway.tls.localca import CA_CERT_FILE
+    rows = [("hostname", config.hostname)]
+    for key in ("tls", "plain"):
+        _listener_problem(config, overrides or {}, key)
+    rows.append(("listeners", f"tls {config.listen.tls}, plain {config.listen.plain}"))
+    rows.append(("workers", str(config.workers)))
+
+    if config.directory.file is None:
+        rows.append(("directory", "none: the built-in demo shard (echo-9000)"))
+    else:
+        try:
+            snapshot = load_directory_file(config.directory.file)
+        except DirectoryError as e:
+            raise CheckFailed(f"{config.directory.file}: {e}") from None
+        by_protocol = Counter(p.protocol for shard in snapshot.shards for p in shard.ports)
+        ports = ", ".join(f"{by_protocol[p]} {p}" for p in PROTOCOLS if by_protocol[p]) or "none"
+        shards = f"{len(snapshot)} shard" + ("" if len(snapshot) == 1 else "s")
+        rows.append(("directory", f"{config.directory.file}: {shards}; ports: {ports}"))
+
+    try:
+        if config.tls.certificate and config.tls.private_key:
+            pair = load_pair(config.tls.certificate, config.tls.private_key)
+            cert = pair.certificate
+            not_after = cert.not_valid_after_utc
+            expired = " (EXPIRED)" if not_after <= datetime.datetime.now(datetime.timezone.utc) else ""
+            rows.append(("certificate", f"{config.tls.certificate}: "
+                                        f"{', '.join(certificate_names(cert))}; valid until "
+                                        f"{not_after.isoformat()}{expired}"))
+        else:
+            rows.append(("certificate", "local development CA "
+                                        f"({os.path.join(config.state_dir, CA_CERT_FILE)})"))
+        if config.tcp.client_ca:
+            cas = load_client_ca(config.tcp.client_ca)
+            rows.append(("client CA", f"{config.tcp.client_ca}: {len(cas)} certificates"))
+    except CertificateError as e:
+        raise CheckFailed(str(e)) from None
+
+    acme = config.acme
+    if acme.enabled:
+        text = f"on: {acme.challenge} from {acme.ca_server}"
+        if acme.wildcard:
+            text += f", wildcard *.{config.hostname} through dns-01"
+        if acme.on_demand != "off":
+            text += f", on demand ({acme.on_demand})"
+        rows.append(("acme", text))
+    else:
+        rows.append(("acme", "off"))
+    rows.append(("auth", _auth_summary(config, verifier)))
+    return rows
+
+
+def print_check(config: GatewayConfig, rows: list[tuple[str, str]], out: Any = None) -> None:
+    out = out or sys.stdout
+    source = "defaults and flags" if config.source == "<defaults>" else config.source
+    out.write(f"twisted-gateway {version()}: the configuration is valid ({source})\n")
+    width = max(len(label) for label, _ in rows) + 1
+    for label, text in rows:
+        out.write(f"  {label + ':':<{width}} {text}\n")
+    out.flush()
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Run twisted-gateway: a TLS front door that routes <label>-<port>.<hostname> "
@@ -86,6 +202,12 @@ class Options(usage.Options):
         ["log-level", None, None, "Lowest level logged: debug, info, warn, error, critical [default: info]."],
         ["workers", None, None, "Worker processes sharing the TLS listener, supervised and restarted "
                                 "[default: the number of CPUs]."],
+    ]
+
+    optFlags = [
+        ["check", None, "Validate the configuration, the directory file and the certificates, "
+                        "print a summary and exit (0: valid; 2: the problem on stderr); nothing "
+                        "is started."],
     ]
 
     subCommands = [["certs", None, CertsOptions, "Show stored certificates (certs list) and exit."]]
@@ -113,6 +235,15 @@ class Options(usage.Options):
             sys.stderr.write(f"gateway: {e}\n")
             sys.stderr.flush()
             raise SystemExit(2)
+        if self["check"]:
+            try:
+                rows = check_configuration(self.config, self.verifier, overrides)
+            except CheckFailed as e:
+                sys.stderr.write(f"gateway: {e}\n")
+                sys.stderr.flush()
+                raise SystemExit(2)
+            print_check(self.config, rows)
+            raise SystemExit(0)
         if self.subCommand == "certs":
             print_certificates(self.config)
             raise SystemExit(0)
