@@ -1,17 +1,36 @@
 """
-The admin app (Klein) served on the plain port: liveness, readiness and Prometheus metrics.
+The admin app (Klein) served on the plain port: liveness, readiness, Prometheus metrics and
+HTTP-01 challenge answers.
+
+One app serves every kind of process; what differs is where its answers come from, given to it
+as callables: a single gateway process or a worker reports its own state and its own registry
+(L{local_metrics}); the supervisor of several workers asks each worker and merges
+(L{twisted_gateway.workers.Supervisor.readiness} and C{metrics}).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Union, cast
 
 from klein import Klein
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet.defer import Deferred, maybeDeferred
 
 from twisted_gateway import metrics, splice
+
+Readiness = tuple[bool, dict[str, Any]]
+"""Whether the process is ready, and the details /readyz shows (C{reasons} when it is not)."""
+
+ReadinessSource = Callable[[], Union[Readiness, "Deferred[Readiness]"]]
+MetricsSource = Callable[[], Union[bytes, "Deferred[bytes]"]]
+
+
+def local_metrics() -> bytes:
+    """This process's series, with live splices' byte counts brought up to date first."""
+    splice.flush_metrics()
+    return generate_latest(metrics.REGISTRY)
 
 
 def answer_http01(responder: Any, request: Any, token: str) -> bytes:
@@ -25,11 +44,19 @@ def answer_http01(responder: Any, request: Any, token: str) -> bytes:
 
 
 class AdminApp:
+    """
+    The plain port's routes.  C{readiness} and C{metrics} may answer at once or with a
+    Deferred (the supervisor's come from its workers); C{http01} answers HTTP-01 challenges
+    (None: every token is unknown).
+    """
+
     app = Klein()
 
-    def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], http01: Any = None) -> None:
+    def __init__(self, readiness: ReadinessSource, http01: Any = None,
+                 metrics: MetricsSource = local_metrics) -> None:
         self.readiness = readiness
         self.http01 = http01
+        self.metrics = metrics
 
     @app.route("/.well-known/acme-challenge/<string:token>", methods=["GET", "HEAD"])
     def acme_challenge(self, request: Any, token: str) -> bytes:
@@ -41,17 +68,21 @@ class AdminApp:
         return b"ok\n"
 
     @app.route("/readyz", methods=["GET", "HEAD"])
-    def readyz(self, request: Any) -> bytes:
-        ready, detail = self.readiness()
-        request.setResponseCode(200 if ready else 503)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"ready": ready, **detail}, sort_keys=True).encode() + b"\n"
+    def readyz(self, request: Any) -> Deferred:
+        def answer(result: Readiness) -> bytes:
+            ready, detail = result
+            request.setResponseCode(200 if ready else 503)
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"ready": ready, **detail}, sort_keys=True).encode() + b"\n"
+        # maybeDeferred waits for a Deferred the source returns.
+        return cast("Deferred[Readiness]", maybeDeferred(self.readiness)).addCallback(answer)
 
     @app.route("/metrics", methods=["GET"])
-    def metrics_page(self, request: Any) -> bytes:
-        splice.flush_metrics()
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(metrics.REGISTRY)
+    def metrics_page(self, request: Any) -> Deferred:
+        def answer(body: bytes) -> bytes:
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            return body
+        return cast("Deferred[bytes]", maybeDeferred(self.metrics)).addCallback(answer)
 
     def resource(self) -> Any:
         return self.app.resource()

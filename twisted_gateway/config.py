@@ -281,6 +281,14 @@ class LogConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    per_route: bool = _field(boolean, False, "Export per-route series (gateway_route_connections_total, "
+                                             "gateway_route_bytes_total) by shard label and port.")
+    max_routes: int = _field(positive_int, 1000, "Most (label, port) pairs with series of their own; "
+                                                 "later pairs are counted under label and port \"other\".")
+
+
+@attrs.frozen
 class GatewayConfig:
     hostname: str = _field(hostname, "localhost", "The wildcard base name.")
     state_dir: str = _field(path, "./state", "Where the local CA and other state live (created 0700).")
@@ -297,13 +305,14 @@ class GatewayConfig:
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     proxy_protocol: ProxyProtocolConfig = attrs.field(factory=ProxyProtocolConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
 _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
     "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "limits": LimitsConfig,
-    "proxy_protocol": ProxyProtocolConfig, "log": LogConfig,
+    "proxy_protocol": ProxyProtocolConfig, "log": LogConfig, "metrics": MetricsConfig,
 }
 
 

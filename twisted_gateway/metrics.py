@@ -1,5 +1,6 @@
 """
-Every Prometheus series the gateway exports, in one place (documented in docs/metrics.md).
+Every Prometheus series the gateway exports, in one place (documented in docs/metrics.md), and
+how the supervisor of several workers merges each one (L{GAUGE_MERGE}).
 
 The series live in a registry of their own rather than prometheus-client's global one so that
 the admin app exports exactly these.  Hot paths bind label values once (``.labels(...)``) and
@@ -8,7 +9,13 @@ keep the child, so that a relayed chunk costs one ``inc`` and no label lookup.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from twisted_gateway.directory.model import Route
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -206,3 +213,135 @@ HTTP_TUNNELS = Counter(
     "gateway_http_tunnels_total",
     "Websocket tunnels opened after a shard's 101 Switching Protocols.",
     registry=REGISTRY)
+
+
+ROUTE_CONNECTIONS = Counter(
+    "gateway_route_connections_total",
+    "Connections routed to a shard port, by the shard's hostname label and the port "
+    "(metrics.per_route; pairs past metrics.max_routes are counted under label and port \"other\").",
+    ["label", "port"], registry=REGISTRY)
+
+ROUTE_BYTES = Counter(
+    "gateway_route_bytes_total",
+    "Bytes relayed to and from a shard port, by the shard's hostname label, the port and "
+    "direction: upstream (client to shard) or downstream (shard to client) (metrics.per_route; "
+    "pairs past metrics.max_routes are counted under label and port \"other\").",
+    ["label", "port", "direction"], registry=REGISTRY)
+
+OTHER_ROUTE = "other"
+"""The label and port values of the overflow series: never a port number, so the pair can
+never be a real route's."""
+
+ROUTE_FAMILIES = frozenset({"gateway_route_connections", "gateway_route_bytes"})
+"""Families labelled by route, whose (label, port) pairs the supervisor caps as well."""
+
+
+class _RouteSeries:
+    """One route's bound children: counting costs an ``inc`` each, no label lookup."""
+
+    __slots__ = ("connections", "up", "down")
+
+    def __init__(self, label: str, port: str) -> None:
+        self.connections = ROUTE_CONNECTIONS.labels(label=label, port=port)
+        self.up = ROUTE_BYTES.labels(label=label, port=port, direction="upstream")
+        self.down = ROUTE_BYTES.labels(label=label, port=port, direction="downstream")
+
+
+class RouteCounts:
+    """The per-route series of this process: off by default, and at most C{max_routes}
+    (label, port) pairs with series of their own, the first ones counted; later pairs share
+    the C{other} series, so a scan over many names cannot grow the exposition (or the
+    process) without bound."""
+
+    def __init__(self, enabled: bool = False, max_routes: int = 1000) -> None:
+        self.enabled = enabled
+        self.max_routes = max_routes
+        self._series: dict[tuple[str, int], _RouteSeries] = {}
+        self._other: _RouteSeries | None = None
+
+    def configure(self, enabled: bool, max_routes: int) -> None:
+        """Pairs already counted keep their series (a counter that vanished would read as a
+        reset to zero); a lower cap applies to new pairs only."""
+        self.enabled = enabled
+        self.max_routes = max_routes
+
+    def count(self, route: Route, up: int = 0, down: int = 0, connections: int = 0) -> None:
+        if not self.enabled:
+            return
+        key = (route.shard.hostname_label, route.port.port)
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) < self.max_routes:
+                series = self._series[key] = _RouteSeries(key[0], str(key[1]))
+            else:
+                if self._other is None:
+                    self._other = _RouteSeries(OTHER_ROUTE, OTHER_ROUTE)
+                series = self._other
+        if connections:
+            series.connections.inc(connections)
+        if up:
+            series.up.inc(up)
+        if down:
+            series.down.inc(down)
+
+
+ROUTES = RouteCounts()
+
+
+def configure_routes(enabled: bool, max_routes: int) -> None:
+    """Apply metrics.per_route and metrics.max_routes (at start and on every reload)."""
+    ROUTES.configure(enabled, max_routes)
+
+
+def count_route(route: Route, up: int = 0, down: int = 0, connections: int = 0) -> None:
+    """Count C{connections} and the bytes relayed each way (C{up}: client to shard, C{down}:
+    shard to client) for C{route}; nothing unless metrics.per_route is on.  The splice calls it
+    for the connections it relays; the HTTP fronts call it once per client connection and
+    with each exchange's bytes."""
+    ROUTES.count(route, up, down, connections)
+
+
+# -- merging several workers' series ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Merge:
+    """How the supervisor makes one value of a gauge out of its workers' values."""
+
+    how: Literal["sum", "min", "max"]
+    meaning: str
+
+
+GAUGE_MERGE: dict[str, Merge] = {
+    "gateway_connections_active": Merge(
+        "sum", "each open connection is in exactly one worker"),
+    "gateway_directory_shards": Merge(
+        "max", "every worker reads the same directory, so they differ only for one poll "
+               "interval after an edit; a worker that restarted while the file is broken has "
+               "no directory (0) and must not hide the one the others route with"),
+    "gateway_directory_last_reload_timestamp_seconds": Merge(
+        "max", "the last update attempt any worker made"),
+    "gateway_directory_last_reload_success": Merge(
+        "min", "0 while any worker's last update attempt failed"),
+    "gateway_certificate_not_after_timestamp_seconds": Merge(
+        "min", "per name, the earliest expiry still served by some worker (one that has not "
+               "reloaded a renewed certificate yet serves the old one)"),
+}
+"""The merge rule of every gauge in L{REGISTRY}, by family name: a new gauge must declare one
+(tests/test_metrics_merge.py fails otherwise).  Counters and histograms need none: their
+samples (_total, _bucket, _count, _sum) are added up and never decrease across a worker's
+restart, and their _created series take the earliest value seen."""
+
+
+# -- the supervisor's own series ------------------------------------------------------------------
+
+SUPERVISOR_REGISTRY = CollectorRegistry(auto_describe=True)
+
+WORKERS = Gauge(
+    "gateway_workers",
+    "Worker processes running.",
+    registry=SUPERVISOR_REGISTRY)
+
+WORKER_RESTARTS = Counter(
+    "gateway_worker_restarts_total",
+    "Workers restarted after exiting.",
+    registry=SUPERVISOR_REGISTRY)

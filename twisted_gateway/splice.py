@@ -8,7 +8,8 @@ out) and the splice ends once both directions have ended or either side is lost;
 is lost has its peer closed only after the peer's buffered bytes are written.
 
 Bytes are counted in plain integers on the hot path and added to the Prometheus counters when
-a splice ends or when /metrics is scraped (L{flush_metrics}).
+a splice ends or when /metrics is scraped (L{flush_metrics}), to the per-route series as well
+when metrics.per_route is on (L{metrics.count_route}).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ class Splice:
     def connect(self) -> None:
         """Start connecting to the shard; may run while the client's handshake is in flight."""
         _ACTIVE.add(self)
+        # A connection of the route's from here, whether or not the shard answers.  An adopted
+        # splice (an HTTP upgrade's tunnel) is not: its HTTP front counts the connection.
+        metrics.count_route(self.route, connections=1)
         self._started = self.reactor.seconds()
         self._connector = self.reactor.connectTCP(
             self.route.shard.address, self.route.port.target_port, _UpstreamFactory(self),
@@ -310,3 +314,5 @@ class Splice:
         if down:
             metrics.RELAYED_DOWNSTREAM.inc(down)
             self._flushed_down = self.bytes_down
+        if up or down:
+            metrics.count_route(self.route, up, down)
