@@ -30,8 +30,9 @@ from zope.interface import implementer
 from twisted_gateway.config import LimitsConfig
 from twisted_gateway.directory.model import Route, Shard, ShardPort
 from twisted_gateway.http.auth import TokenVerifier
-from twisted_gateway.http.h2proxy import H2FrontConnection
-from twisted_gateway.http.proxy import H1ProxyConnection, HTTPRouteContext
+from twisted_gateway.http.h2.front import H2FrontConnection
+from twisted_gateway.http.context import HTTPRouteContext
+from twisted_gateway.http.h1.connection import H1ProxyConnection
 from twisted_gateway.http.upstream import IUpstream, RawHeaders
 
 NAME = "web-80.gw.test"

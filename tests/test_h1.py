@@ -20,8 +20,9 @@ from twisted_gateway.directory.model import Route, Shard, ShardPort
 from twisted_gateway.http.framing import (
     authority_host, client_fields_for_shard, h2_target_problem, response_fields_for_client,
 )
-from twisted_gateway.http.h1parse import END, RequestHead, RequestReader, Rejected, Stopped
-from twisted_gateway.http.proxy import H1ProxyConnection, HTTPRouteContext
+from twisted_gateway.http.h1.parse import END, RequestHead, RequestReader, Rejected, Stopped
+from twisted_gateway.http.context import HTTPRouteContext
+from twisted_gateway.http.h1.connection import H1ProxyConnection
 from twisted_gateway.http.upstream import IUpstream, RawHeaders
 
 NAME = "web-80.gw.test"
@@ -403,8 +404,8 @@ class _Pool:
 
 
 def upstream_connection(method: bytes = b"GET"):
-    from twisted_gateway.http.upstream import _UpstreamConnection
-    conn = _UpstreamConnection(_Pool(), ("127.0.0.1", 80))
+    from twisted_gateway.http.h1.client import UpstreamConnection
+    conn = UpstreamConnection(_Pool(), ("127.0.0.1", 80))
     transport = StringTransport()
     conn.makeConnection(transport)
     got: list = []

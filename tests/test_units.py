@@ -415,10 +415,10 @@ def test_h2_pipe_sends_within_windows_and_acknowledges_only_what_it_sent():
     import h2.connection
     import h2.events
 
-    from twisted_gateway.http.h2proxy import _H2Peer, _Pipe
+    from twisted_gateway.http.h2.flow import H2Peer, Pipe
 
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    peer = _H2Peer()
+    peer = H2Peer()
     peer.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     transport = StringTransport()
     peer.makeConnection(transport)
@@ -431,7 +431,7 @@ def test_h2_pipe_sends_within_windows_and_acknowledges_only_what_it_sent():
 
     consumed: list[int] = []
     peer.h2.send_headers(1, [(":status", "200")])
-    pipe = _Pipe(peer, 1, consumed.append)
+    pipe = Pipe(peer, 1, consumed.append)
     pipe.push(b"x" * 100_000, 100_010)  # ten bytes of padding
     peer.flush()
     # The client's default window is 65535: that much is sent and acknowledged, no more.
@@ -461,14 +461,14 @@ def test_h2_pipe_gives_back_the_window_of_what_it_drops():
     import h2.config
     import h2.connection
 
-    from twisted_gateway.http.h2proxy import _H2Peer, _Pipe
+    from twisted_gateway.http.h2.flow import H2Peer, Pipe
 
-    peer = _H2Peer()
+    peer = H2Peer()
     peer.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     peer.makeConnection(StringTransport())
     peer.pauseProducing()
     consumed: list[int] = []
-    pipe = _Pipe(peer, 1, consumed.append)
+    pipe = Pipe(peer, 1, consumed.append)
     pipe.push(b"abc", 3)
     pipe.push(b"defg", 8)
     assert consumed == []
@@ -522,7 +522,7 @@ def test_challenge_board_lets_another_process_answer(tmp_path):
 
 
 def test_h2_replay_copies_are_bounded_per_stream_and_connection():
-    from twisted_gateway.http import h2proxy
+    from twisted_gateway.http.h2.stream import ShardStream
 
     class Front:
         replay_held = 0
@@ -531,7 +531,7 @@ def test_h2_replay_copies_are_bounded_per_stream_and_connection():
         def ack(self, stream_id, size):
             self.acked.append(size)
     front = Front()
-    exchanges = [h2proxy._Exchange(front, sid, b"POST", b"/", None, False) for sid in (1, 3, 5, 7, 9)]
+    exchanges = [ShardStream(front, sid, b"POST", b"/", None, False) for sid in (1, 3, 5, 7, 9)]
     chunk = b"x" * 16384
     for exchange in exchanges:
         for _ in range(4):  # 64 KiB each: exactly the per-stream bound

@@ -28,8 +28,10 @@ from twisted_gateway import clienthello as ch
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import task_covered
-from twisted_gateway.http.h2proxy import H2FrontConnection, H2PortProtocol, H2Upstream
-from twisted_gateway.http.proxy import H1ProxyConnection
+from twisted_gateway.http.alpn import H2PortProtocol
+from twisted_gateway.http.h1.connection import H1ProxyConnection
+from twisted_gateway.http.h2.front import H2FrontConnection
+from twisted_gateway.http.h2.h1bridge import H2Upstream
 from twisted_gateway.limits import in_networks
 from twisted_gateway.proxyheader import (
     ProxyHeaderError, ProxyHeaderReader, build_v2, looks_like_proxy_header,

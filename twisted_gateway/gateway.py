@@ -29,7 +29,7 @@ from twisted_gateway.directory.file import FileDirectoryProvider
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.frontdoor import ConnectionTracker, FrontDoorFactory
 from twisted_gateway.http.auth import TokenVerifier
-from twisted_gateway.http.proxy import HTTPRouteContext
+from twisted_gateway.http.context import HTTPRouteContext
 from twisted_gateway.http.api import GatewayAPI, api_site, openapi_document
 from twisted_gateway.http.errors import quiet_site
 from twisted_gateway.runtime import build_runtime

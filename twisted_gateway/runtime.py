@@ -19,8 +19,8 @@ from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.directory.model import ShardPort
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.errors import error_site
-from twisted_gateway.http.proxy import HTTPRouteContext
-from twisted_gateway.http.upstream import UpstreamPool
+from twisted_gateway.http.context import HTTPRouteContext
+from twisted_gateway.http.h1.pool import UpstreamPool
 from twisted_gateway.limits import Admission, IPFilter, parse_networks
 from twisted_gateway.routing import RoutingPolicy
 from twisted_gateway.tls.contexts import ContextCache

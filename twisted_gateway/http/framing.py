@@ -16,6 +16,13 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
     b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"http2-settings",
 })
+REASONS = {100: b"Continue", 200: b"OK", 204: b"No Content", 307: b"Temporary Redirect",
+           400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+           405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+           421: b"Misdirected Request", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+           500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+           503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
+"""The reason phrase the gateway writes on the status lines it writes itself."""
 _FORWARDING = frozenset({b"x-forwarded-for", b"forwarded"})
 _REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"host", b"expect"})
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -129,5 +136,5 @@ def authority_host(authority: bytes) -> bytes | None:
     return host.lower().rstrip(b".")
 
 
-__all__ = ["HOP_BY_HOP", "authority_host", "client_fields_for_shard", "connection_named",
+__all__ = ["HOP_BY_HOP", "REASONS", "authority_host", "client_fields_for_shard", "connection_named",
            "h2_field_problem", "h2_target_problem", "is_token", "response_fields_for_client", "safe_phrase"]

@@ -4,9 +4,9 @@ the HTTP version the client speaks: which token it carries, whether it may pass,
 is sent to sign in, the ``/auth-redirect`` answer (and which ``orig_url`` it may send a browser
 to), the rate limits, and the forwarding headers (and whose forwarding headers are believed).
 
-The HTTP/1.1 route (twisted.web, L{twisted_gateway.http.proxy}) and the h2 route (frames,
-L{twisted_gateway.http.h2proxy}) both use these, so a request is treated the same whichever way
-it arrives.
+The HTTP/1.1 front (L{twisted_gateway.http.h1.connection}) and the h2 front
+(L{twisted_gateway.http.h2.front}) both use these, so a request is treated the same whichever
+way it arrives.
 """
 
 from __future__ import annotations

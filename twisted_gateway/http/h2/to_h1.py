@@ -1,6 +1,6 @@
 """
 h2 clients of ``http/1.1`` shard ports: each client stream becomes one HTTP/1.1 request through
-the keep-alive pool (L{twisted_gateway.http.upstream}).
+the keep-alive pool (L{twisted_gateway.http.h1.pool}).
 
 The framing towards the shard is decided from the h2 message alone (RFC 9113 8.1): a request
 whose stream ended with its headers, or before any DATA, has no body; one with a content-length
@@ -24,9 +24,10 @@ from twisted.web.client import ResponseDone
 
 from twisted_gateway import metrics
 from twisted_gateway.http.framing import response_fields_for_client
-from twisted_gateway.http.h2proxy import STREAM_WINDOW, _Exchange, _Pipe
+from twisted_gateway.http.body import StreamingBody
+from twisted_gateway.http.h2.flow import STREAM_WINDOW, Pipe
+from twisted_gateway.http.h2.stream import ShardStream
 from twisted_gateway.http.policy import Answer
-from twisted_gateway.http.proxy import StreamingBody
 
 # Fields h2 forbids in a response (RFC 9113 8.2.2), besides those HTTP/1.1 calls hop-by-hop.
 _H2_FORBIDDEN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
@@ -74,7 +75,7 @@ class _Relay(Protocol):
                 self.transport.stopProducing()
 
 
-class H1StreamExchange(_Exchange):
+class H1StreamExchange(ShardStream):
     """One h2 client stream and the HTTP/1.1 request to the shard it became."""
 
     def __init__(self, front: Any, stream_id: int, method: bytes, path: bytes, accept: bytes | None,
@@ -218,7 +219,7 @@ class H1StreamExchange(_Exchange):
             front.flush()
             return
         self.relay = relay = _Relay(self)
-        self.response_pipe = _Pipe(front, self.client_id, relay.consumed)
+        self.response_pipe = Pipe(front, self.client_id, relay.consumed)
         response.deliverBody(relay)
         front.flush()
 

@@ -1,0 +1,91 @@
+"""
+A request body passed to an upstream (L{twisted_gateway.http.upstream.IUpstream}) as it arrives
+from the client, holding only a bounded amount while the upstream connection is being set up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+
+@implementer(IBodyProducer)
+class StreamingBody:
+    """
+    A request body passed to the shard as it arrives.  Until the upstream connection takes it
+    (startProducing), at most C{_HOLD} bytes are held and the client is paused beyond that;
+    afterwards the upstream transport's flow control pauses the client directly.
+    """
+
+    _HOLD = 256 * 1024
+
+    def __init__(self, length: int | None, pause: Any, resume: Any) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._pause, self._resume = pause, resume
+        self._consumer: Any = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._paused = False
+        self._finished = False
+        self._discarding = False
+        self._done: Deferred | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if self._consumer is not None:
+            self._consumer.write(data)
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > self._HOLD and not self._paused:
+            self._paused = True
+            self._pause()
+
+    def finish(self) -> None:
+        self._finished = True
+        if self._done is not None and not self._done.called:
+            self._done.callback(None)
+
+    def discard(self) -> None:
+        """The shard is gone: swallow the rest of the body."""
+        self._discarding = True
+        self._held = []
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        self._consumer = consumer
+        held, self._held = self._held, []
+        for chunk in held:
+            consumer.write(chunk)
+        self._held_bytes = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+        self._done = Deferred()
+        if self._finished:
+            self._done.callback(None)
+        return self._done
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._pause()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    def stopProducing(self) -> None:
+        # The upstream request was abandoned; its Deferred must not fire afterwards.
+        self.discard()
+        self._consumer = None
+
+
+__all__ = ["StreamingBody"]

@@ -1,0 +1,311 @@
+"""
+One request of an HTTP/1.1 client connection and its answer (L{H1Exchange}): the gate, the
+request sent to the upstream with its body streamed as it arrives, the response relayed with the
+gateway's framing (L{_ResponseRelay}), the switch to a tunnel after a ``101`` to a websocket
+upgrade the gateway forwarded, and the answers the gateway gives itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from twisted_gateway import metrics
+from twisted_gateway.http.auth import AuthDecision
+from twisted_gateway.http.body import StreamingBody
+from twisted_gateway.http.errors import negotiate
+from twisted_gateway.http.framing import REASONS, client_fields_for_shard, response_fields_for_client, safe_phrase
+from twisted_gateway.http.h1.parse import RequestHead, Rejected
+from twisted_gateway.http.policy import (
+    Answer, auth_redirect, authorize, rate_limit_wait, refusal, request_token,
+)
+from twisted_gateway.http.upstream import upstream_failure_answer
+from twisted_gateway.limits import retry_after_header
+
+if TYPE_CHECKING:
+    from twisted_gateway.http.h1.connection import H1ProxyConnection
+
+
+class _ResponseRelay(Protocol):
+    """Streams the shard's response body to the client with the gateway's framing."""
+
+    def __init__(self, exchange: H1Exchange, chunked: bool) -> None:
+        self.exchange = exchange
+        self.chunked = chunked
+        self.done = False
+
+    def makeConnection(self, transport: Any) -> None:
+        # The shard's socket is paused while the client's is full (see H1ProxyConnection's
+        # producer methods, which pass the signal on).
+        self.transport = transport
+        self.exchange.conn.relay_started(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done or not data:
+            return
+        client = self.exchange.conn.transport
+        if client is None:
+            return
+        self.exchange.sent += len(data)
+        client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done:
+            return
+        self.done = True
+        client = self.exchange.conn.transport
+        self.exchange.conn.relay_stopped()
+        if reason is not None and not reason.check(ResponseDone):
+            # The shard broke off mid-body: the client sees a cut connection, never a short
+            # body that looks whole.
+            self.exchange.finish("upstream_reset", keep_alive=False, abort=True)
+            return
+        if self.chunked and client is not None:
+            client.write(b"0\r\n\r\n")
+        self.exchange.finish("ok")
+
+    def stop(self) -> None:
+        if not self.done:
+            self.done = True
+            if self.transport is not None:
+                self.transport.stopProducing()
+
+
+class H1Exchange:
+    """One request of a client connection and its answer."""
+
+    def __init__(self, conn: H1ProxyConnection, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.started = time.monotonic()
+        self.body: StreamingBody | None = None
+        self.received = 0
+        self.request_done = False
+        self.response_started = False
+        self.finished = False
+        self.upgrade = False
+        self.status = 0
+        self.sent = 0
+        self.keep_alive = head.keep_alive
+        self.deferred: Deferred | None = None
+        self.relay: _ResponseRelay | None = None
+        self.timer: Any = None
+        self.timed_out = False
+        self.abandoned = False
+        self.client_ip = conn.client_ip
+
+    # -- the gate ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        conn, head, ctx, route = self.conn, self.head, self.conn.ctx, self.conn.route
+        if head.path == b"/auth-redirect" and head.method == b"GET":
+            query = head.target.decode("latin-1").partition("?")[2]
+            self.answer(auth_redirect(ctx, query, route.shard.task))
+            return
+        decision: AuthDecision | None = None
+        token = None
+        if not route.port.public:
+            token = request_token(self._field(b"authorization"), self._fields(b"cookie"), ctx.cookie_name)
+            decision = authorize(ctx, token, route.shard.task)
+            if not decision.allowed:
+                original = f"https://{head.host.decode('latin-1')}{head.target.decode('latin-1')}"
+                wants_html = negotiate(self._field(b"accept")) == "html"
+                self.answer(refusal(ctx, decision, head.method, wants_html, original))
+                return
+        wait = rate_limit_wait(ctx, self.client_ip, decision, lambda: token)
+        if wait:
+            self.answer(Answer(429, ((b"retry-after", retry_after_header(wait)),),
+                               ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s")))
+            return
+        limit = ctx.max_body(route)
+        if limit and head.length is not None and head.length > limit:
+            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+            self.answer(Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            return
+        self.upgrade = (conn.websockets and head.method == b"GET" and b"websocket" in head.upgrade
+                        and head.version == "1.1")
+        fields = client_fields_for_shard(
+            head.fields, head.host, private=not route.port.public, cookie_name=ctx.cookie_name,
+            client_ip=self.client_ip, trusted=ctx.trusted(self.client_ip), upgrade=self.upgrade)
+        if head.body != "none":
+            self.body = StreamingBody(head.length, lambda: conn.pause("body"), lambda: conn.resume("body"))
+            if head.expect_continue:
+                # The request passed the gate: let the client send its body (RFC 9110 10.1.1).
+                conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        shard, port = route.shard, route.port
+        d = conn.upstream.request(shard.address, port.target_port, head.method, head.target, fields,
+                                  self.body, upgrade=self.upgrade)
+        self.deferred = d
+        d.addCallbacks(self._got_response, self._upstream_failed)
+        d.addErrback(lambda f: conn.log.failure("proxying failed", f))
+        if self.body is None:
+            self.request_ended()
+
+    def _field(self, name: bytes) -> bytes | None:
+        for n, v in self.head.fields:
+            if n.lower() == name:
+                return v
+        return None
+
+    def _fields(self, name: bytes) -> list[bytes]:
+        return [v for n, v in self.head.fields if n.lower() == name]
+
+    # -- the request body ----------------------------------------------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        self.received += len(data)
+        limit = self.conn.ctx.max_body(self.conn.route)
+        if limit and self.received > limit:
+            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+            self.abandon_upstream()
+            self.answer(Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            return
+        if self.body is not None:
+            self.body.write(data)
+
+    def request_ended(self) -> None:
+        self.request_done = True
+        if self.body is not None:
+            self.body.finish()
+        if not self.response_started and not self.finished and self.timer is None:
+            # The response timeout runs from the end of the request: a long upload is not the
+            # shard being slow.
+            self.timer = self.conn.reactor.callLater(self.conn.ctx.response_timeout, self._time_out)
+
+    def broken(self, rejected: Rejected) -> None:
+        """The body's framing broke mid-request: the shard request is abandoned."""
+        self.abandon_upstream()
+        self.conn.count_rejected(rejected)
+        self.answer(Answer(rejected.status, (), (rejected.reason, rejected.message)))
+
+    def abandon_upstream(self) -> None:
+        self.keep_alive = False
+        self.abandoned = True
+        if self.body is not None:
+            self.body.discard()
+        if self.relay is not None:
+            self.relay.stop()
+        d, self.deferred = self.deferred, None
+        if d is not None and not d.called:
+            d.cancel()
+
+    def _time_out(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        d = self.deferred
+        if d is not None and not d.called:
+            d.cancel()
+
+    # -- the response --------------------------------------------------------------------------
+
+    def _got_response(self, response: Any) -> None:
+        self._cancel_timer()
+        conn = self.conn
+        if self.finished or conn.transport is None:
+            response.deliverBody(Protocol())
+            return
+        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.started)
+        code = response.code
+        self.status = code
+        self.response_started = True
+        metrics.count_request("proxy", code, self.head.method)
+        if code == 101:
+            self._tunnel(response)
+            return
+        client_11 = self.head.version == "1.1"
+        lines = [b"HTTP/1.1 %d %s" % (code, safe_phrase(response.phrase, REASONS.get(code, b"")))]
+        fields = response_fields_for_client(response.headers.pairs)
+        bodyless = self.head.method == b"HEAD" or code in (204, 304)
+        chunked = False
+        if bodyless:
+            if code != 204:
+                lines += [b"Content-Length: " + v.strip() for v in
+                          response.headers.getRawHeaders(b"content-length", [])[:1] if v.strip().isdigit()]
+        elif response.length is not UNKNOWN_LENGTH:
+            lines.append(b"Content-Length: %d" % response.length)
+        elif client_11:
+            chunked = True
+            lines.append(b"Transfer-Encoding: chunked")
+        else:
+            self.keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
+        if not self.request_done:
+            self.keep_alive = False  # the rest of the request body will not be read
+        if conn.draining:
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append(b"Connection: close")
+        elif not client_11:
+            lines.append(b"Connection: keep-alive")
+        lines += [name + b": " + value for name, value in fields]
+        conn.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self.relay = _ResponseRelay(self, chunked)
+        response.deliverBody(self.relay)
+
+    def _tunnel(self, response: Any) -> None:
+        """The shard switched to the websocket protocol the gateway asked for."""
+        conn = self.conn
+        lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade", b"Upgrade: websocket"]
+        lines += [name + b": " + value for name, value in response_fields_for_client(response.headers.pairs)]
+        tls = conn.transport
+        tls.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self.finished = True
+        metrics.HTTP_TUNNELS.inc()
+        conn.become_tunnel(self, response)
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._cancel_timer()
+        if self.finished or self.abandoned:
+            return  # the gateway gave up on the shard itself, and answers the client so
+        route = self.conn.route
+        status, code, message, reason = upstream_failure_answer(failure, route.shard.id, self.timed_out)
+        if reason in ("timeout", "refused", "unreachable"):
+            metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
+        self.conn.log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})", shard=route.shard.id,
+                           address=route.shard.address, port=route.port.target_port, code=code,
+                           error=failure.getErrorMessage())
+        if self.body is not None:
+            self.body.discard()
+        if self.response_started:
+            self.finish("upstream_reset", keep_alive=False, abort=True)
+            return
+        self.answer(Answer(status, (), (code, message)))
+
+    def answer(self, answer: Answer) -> None:
+        """Answer without the shard: a refusal, a redirect, a rejection or an upstream failure."""
+        if self.finished or self.conn.transport is None:
+            return
+        if self.response_started:
+            self.finish("error", keep_alive=False, abort=True)
+            return
+        self.response_started = True
+        self.status = answer.status
+        if not self.request_done:
+            self.keep_alive = False  # its body is not read: the connection cannot carry another
+        self.conn.write_answer(answer, self.head.method, self._field(b"accept"), self.head.version,
+                               self.keep_alive)
+        self.finish("answered")
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def finish(self, outcome: str, keep_alive: bool = True, abort: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timer()
+        if self.body is not None and not self.request_done:
+            self.body.discard()
+        self.conn.exchange_done(self, self.keep_alive and keep_alive, abort)
+
+
+
+__all__ = ["H1Exchange"]

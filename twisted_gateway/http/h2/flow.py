@@ -1,0 +1,220 @@
+"""
+HTTP/2 flow control, shared by both ends of every h2 connection the gateway proxies: the
+windows and settings the gateway offers, the peer base class that knows when its socket is
+writable, and the pipe that moves one stream's body into a connection no faster than that
+connection's windows and socket allow.
+
+Flow control is end to end: body bytes are acknowledged to the side that sent them (opening its
+window again) only once they have been passed into the other side's connection, and nothing is
+passed on while that side's socket buffer is full.  So the gateway holds at most a window's
+worth of a stream's body, however fast one side is and however slow the other.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.exceptions
+import h2.settings
+from twisted.internet.protocol import Protocol
+
+from twisted_gateway.fastwrite import write_now
+
+STREAM_WINDOW = 256 * 1024
+"""The flow-control window the gateway gives each stream, on both sides."""
+CONNECTION_WINDOW = 1024 * 1024
+"""The flow-control window of a whole connection, on both sides."""
+MAX_STREAMS = 100
+"""Concurrent streams a client may open."""
+DEFAULT_WINDOW = 65535
+"""The window every HTTP/2 connection starts with (RFC 9113 6.9.2)."""
+
+class H2Peer(Protocol):
+    """One HTTP/2 connection the gateway is an end of, client- or shard-facing."""
+
+    h2: h2.connection.H2Connection
+    write_paused = False
+    partner: H2Peer | None = None
+
+    def __init__(self) -> None:
+        self.pipes: dict[int, Pipe] = {}
+        """The bodies waiting to be sent into this connection, by stream."""
+
+    def flush(self) -> None:
+        if self.transport is not None:
+            data = self.h2.data_to_send()
+            if data:
+                write_now(self.transport, data)
+
+    def flush_both(self) -> None:
+        self.flush()
+        if self.partner is not None:
+            self.partner.flush()
+
+    def pump_all(self) -> None:
+        for pipe in list(self.pipes.values()):
+            pipe.pump()
+
+    def pump_stream(self, stream_id: int) -> None:
+        if stream_id == 0:
+            self.pump_all()
+        else:
+            pipe = self.pipes.get(stream_id)
+            if pipe is not None:
+                pipe.pump()
+
+    # The transport calls these when its write buffer fills and drains (IPushProducer).
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        self.pump_all()
+        self.flush_both()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def ack(self, stream_id: int, size: int) -> None:
+        """Open the window of C{stream_id} again by C{size} body bytes it sent us."""
+        if size and self.transport is not None:
+            try:
+                self.h2.acknowledge_received_data(size, stream_id)
+            except h2.exceptions.ProtocolError:
+                pass  # the connection is closing
+
+
+class Pipe:
+    """
+    The body of one stream on its way into an h2 connection (the sink), sent as the sink's
+    flow-control windows allow and while its socket is writable.  Each byte is reported to
+    C{consumed} once sent, so that the sender's window, not the gateway's memory, holds the
+    backlog.
+    """
+
+    def __init__(self, sink: H2Peer, stream_id: int, consumed: Callable[[int], None]) -> None:
+        self.sink = sink
+        self.stream_id = stream_id
+        self.consumed = consumed
+        self.on_done: Callable[[], None] | None = None
+        """Called once the stream's end has been sent (or it was abandoned)."""
+        self.chunks: deque[list[Any]] = deque()
+        self.end: Any = None
+        """None while open; True to end the stream; a header list to end it with trailers."""
+        self.done = False
+        self.held = 0
+        sink.pipes[stream_id] = self
+
+    def push(self, data: bytes, flow_length: int) -> None:
+        if self.done:
+            self.consumed(flow_length)
+            return
+        # Padding counts against the window too; it is acknowledged with the chunk's last byte.
+        self.chunks.append([data, flow_length - len(data)])
+        self.held += len(data)
+        self.pump()
+
+    def finish(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if self.end is None:
+            self.end = trailers if trailers is not None else True
+        self.pump()
+
+    def pump(self) -> None:
+        sink = self.sink
+        if self.done or sink.write_paused or sink.transport is None:
+            return
+        conn = sink.h2
+        sid = self.stream_id
+        try:
+            while self.chunks:
+                data, padding = self.chunks[0]
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if window <= 0:
+                    return
+                if len(data) <= window:
+                    conn.send_data(sid, data)
+                    self.chunks.popleft()
+                    self.held -= len(data)
+                    self.consumed(len(data) + padding)
+                else:
+                    conn.send_data(sid, data[:window])
+                    self.chunks[0][0] = data[window:]
+                    self.held -= window
+                    self.consumed(window)
+            if self.end is not None:
+                if self.end is True:
+                    conn.end_stream(sid)
+                else:
+                    conn.send_headers(sid, self.end, end_stream=True)
+                self._close()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.abandon()
+
+    def abandon(self) -> None:
+        """The sink stream is gone: give back the window of what is held, and drop it."""
+        if self.done:
+            return
+        held = sum(len(data) + padding for data, padding in self.chunks)
+        self.chunks.clear()
+        self.held = 0
+        self._close()
+        if held:
+            self.consumed(held)
+
+    def _close(self) -> None:
+        self.done = True
+        if self.sink.pipes.get(self.stream_id) is self:
+            del self.sink.pipes[self.stream_id]
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done()
+
+
+def h2_config(client_side: bool) -> h2.config.H2Configuration:
+    """
+    Headers arriving from either side are validated (RFC 9113 8.2); what the gateway sends on
+    is either those validated headers or its own, lowercase and well formed, so the outbound
+    checks (a good part of h2's CPU per request) are skipped.
+    """
+    return h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                     validate_outbound_headers=False, normalize_outbound_headers=False,
+                                     validate_inbound_headers=True, normalize_inbound_headers=True)
+
+
+def h2_settings(client: bool, max_header_bytes: int) -> h2.settings.Settings:
+    """The settings the gateway announces, as the client of a shard or the server of a client."""
+    values = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+              h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes}
+    if client:
+        values[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+    else:
+        values[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_STREAMS
+    return h2.settings.Settings(client=client, initial_values=values)
+
+
+def protocol_error_kind(error: Exception) -> str:
+    """What went wrong, without the peer's bytes: h2's messages quote header values (a
+    credential in a malformed field would reach the log)."""
+    name = type(error).__name__
+    text = str(error)
+    # h2 quotes the offending value after the description (e.g. "... whitespace b'...'").
+    for cut in (" b'", ' b"', ": ", " ("):
+        if cut in text:
+            text = text.split(cut, 1)[0]
+    return f"{name}: {text[:80]}" if text else name
+
+
+def error_name(code: Any) -> str:
+    """The name of an HTTP/2 error code (RFC 9113 7), or the number of an unknown one."""
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return str(code)
+
+
+__all__ = ["CONNECTION_WINDOW", "DEFAULT_WINDOW", "H2Peer", "MAX_STREAMS", "Pipe", "STREAM_WINDOW",
+           "error_name", "h2_config", "h2_settings", "protocol_error_kind"]

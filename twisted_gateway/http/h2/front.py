@@ -1,0 +1,492 @@
+"""
+h2 clients of shard ports: one L{H2FrontConnection} per client connection that negotiated
+``h2``, whichever protocol the shard speaks.  Each client stream is read and checked (RFC 9113
+8.2-8.3), passes the gate (token, rate limits) exactly as on ``http/1.1`` ports, and is opened
+towards the shard only after the whole read it came in has been handled.  On an ``h2`` port it
+becomes a stream of the client connection's own h2c connection to the shard
+(L{twisted_gateway.http.h2.stream}); on an ``http/1.1`` port an HTTP/1.1 request through the
+pool (L{twisted_gateway.http.h2.to_h1}).
+
+The connection also bounds what a client may cost it: a budget of streams reset before their
+response (the "rapid reset", CVE-2023-44487), a bound on PING and SETTINGS frames acknowledged
+while the client is not reading, and an idle and a stalled-reader timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_gateway import metrics
+from twisted_gateway.directory.model import Route
+from twisted_gateway.http.errors import negotiate, render_error
+from twisted_gateway.http.framing import authority_host, h2_field_problem, h2_target_problem
+from twisted_gateway.http.h2.flow import (
+    CONNECTION_WINDOW, DEFAULT_WINDOW, H2Peer, Pipe, h2_config, h2_settings, protocol_error_kind,
+)
+from twisted_gateway.http.h2.shard import ShardConnection
+from twisted_gateway.http.h2.stream import ShardStream
+from twisted_gateway.http.h2.to_h1 import H1StreamExchange
+from twisted_gateway.http.policy import (
+    Answer, auth_redirect, authorize, forwarding_headers, header_value_ok, rate_limit_wait, refusal,
+    request_token, strip_cookie,
+)
+from twisted_gateway.limits import retry_after_header
+
+# gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
+_GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 8, 502: 14, 503: 14, 504: 4}
+
+
+class H2FrontConnection(H2Peer):
+    """An h2 client connection to an ``h2`` shard port, proxied stream by stream."""
+
+    log = Logger()
+
+    def __init__(self, route: Route, ctx: Any, max_header_bytes: int, idle_timeout: float,
+                 server_name: str | None = None, pool: Any = None) -> None:
+        super().__init__()
+        self.route = route
+        self.ctx = ctx
+        self.reactor = ctx.reactor
+        self.max_header_bytes = max_header_bytes
+        self.idle_timeout = idle_timeout
+        self.server_name = (server_name or "").lower().rstrip(".").encode()
+        self.pool = pool
+        """The HTTP/1.1 pool for an ``http/1.1`` port; None: the shard speaks h2c."""
+        limits = ctx.limits
+        self.reset_rate = float(limits.h2_reset_rate)
+        self.reset_burst = float(limits.h2_reset_burst)
+        self.reset_tokens = self.reset_burst
+        self.reset_stamp = self.reactor.seconds()
+        self.max_pending_control = limits.h2_max_pending_control
+        self.pending_control = 0
+        self.to_open: list[tuple[ShardStream, Callable[[], None]]] = []
+        self.exchanges: dict[int, ShardStream] = {}
+        self.shard: ShardConnection | None = None
+        self.shards: set[ShardConnection] = set()
+        self.replay_held = 0
+        """Bytes of request bodies kept for replay, over all streams (L{REPLAY_CONNECTION_LIMIT})."""
+        self.closing = False
+        self._idle: Any = None
+        self._stall: Any = None
+        self.lost = False
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.h2 = h2.connection.H2Connection(h2_config(client_side=False))
+        self.h2.local_settings = h2_settings(False, self.max_header_bytes)
+        # Initial settings never go through h2's settings-acknowledged path, which is where it
+        # would apply this limit to its HPACK decoder: apply it here.
+        self.h2.decoder.max_header_list_size = self.max_header_bytes
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
+        self.transport.registerProducer(self, True)
+        self.flush()
+        self._arm_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            metrics.HTTP2_PROTOCOL_ERRORS.labels(peer="client").inc()
+            self.log.info("h2 client {client} broke the protocol: {error}", client=self._client_ip(),
+                          error=protocol_error_kind(e))
+            self.flush()  # the GOAWAY h2 prepared
+            self.transport.loseConnection()
+            return
+        for event in events:
+            if self.transport is None:
+                return
+            if isinstance(event, h2.events.RequestReceived):
+                self._request(event.stream_id, event.headers, event.stream_ended is not None)
+            elif isinstance(event, h2.events.DataReceived):
+                exchange = self.exchanges.get(event.stream_id)
+                if exchange is not None:
+                    exchange.client_data(event.data, event.flow_controlled_length)
+                else:
+                    self.ack(event.stream_id, event.flow_controlled_length)
+            elif isinstance(event, h2.events.StreamEnded):
+                exchange = self.exchanges.get(event.stream_id)
+                if exchange is not None:
+                    exchange.client_ended()
+            elif isinstance(event, h2.events.TrailersReceived):
+                exchange = self.exchanges.get(event.stream_id)
+                if exchange is not None:
+                    exchange.client_ended(list(event.headers))
+            elif isinstance(event, h2.events.StreamReset):
+                exchange = self.exchanges.get(event.stream_id)
+                if exchange is not None:
+                    premature = not exchange.response_ended
+                    exchange.client_reset()
+                    if premature and not self._take_reset():
+                        self._calm_down("rapid_reset")
+                        return
+            elif isinstance(event, h2.events.WindowUpdated):
+                self.pump_stream(event.stream_id)
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                self.pump_all()
+                if not self._count_control():
+                    return
+            elif isinstance(event, h2.events.PingReceived):
+                if not self._count_control():
+                    return
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.closing = True
+                if not self.exchanges:
+                    self.transport.loseConnection()
+        # Streams are opened towards the shard only after the whole read was handled, so a
+        # stream the client reset in the same read never reaches the shard (CVE-2023-44487).
+        to_open, self.to_open = self.to_open, []
+        for exchange, open_ in to_open:
+            if not exchange.finished:
+                open_()
+        self.flush_both()
+
+    def _take_reset(self) -> bool:
+        """Spend one reset of the client's budget (a token bucket); False when none is left."""
+        now = self.reactor.seconds()
+        self.reset_tokens = min(self.reset_burst, self.reset_tokens + (now - self.reset_stamp) * self.reset_rate)
+        self.reset_stamp = now
+        if self.reset_tokens < 1:
+            return False
+        self.reset_tokens -= 1
+        return True
+
+    def _count_control(self) -> bool:
+        """A PING or SETTINGS that h2 acknowledges: bounded while the client reads nothing."""
+        if not self.write_paused:
+            return True
+        self.pending_control += 1
+        if self.pending_control > self.max_pending_control:
+            self._calm_down("control_flood")
+            return False
+        return True
+
+    def _calm_down(self, kind: str) -> None:
+        """GOAWAY ENHANCE_YOUR_CALM and close: the client abuses the protocol."""
+        metrics.H2_ABUSE.labels(kind=kind).inc()
+        self.log.info("h2 client {client} closed: {kind}", client=self._client_ip(), kind=kind)
+        self.to_open = []
+        try:
+            self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.flush()
+        except h2.exceptions.ProtocolError:
+            pass
+        if kind == "control_flood":
+            self.transport.abortConnection()  # it does not read: nothing more would go out
+        else:
+            self.transport.loseConnection()
+        for exchange in list(self.exchanges.values()):
+            exchange.client_reset()
+
+    def resumeProducing(self) -> None:
+        self.pending_control = 0
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        super().resumeProducing()
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._stall is None and self.transport is not None:
+            self._stall = self.reactor.callLater(self.idle_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        """The client has read nothing for limits.http_idle_timeout: let its streams go."""
+        self._stall = None
+        if self.transport is not None:
+            self.log.info("h2 client {client} stopped reading: closing", client=self._client_ip())
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self._cancel_idle()
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        for exchange in list(self.exchanges.values()):
+            exchange.client_reset()
+        for shard in list(self.shards):
+            shard.close()
+        self.shards.clear()
+        self.shard = None
+        self.transport = None
+
+    def drain(self) -> None:
+        """The gateway is stopping: GOAWAY, then close once the open streams have finished."""
+        if self.transport is None or self.closing:
+            return
+        self.closing = True
+        self.h2.close_connection()
+        self.flush()
+        if not self.exchanges:
+            self.transport.loseConnection()
+
+    def _arm_idle(self) -> None:
+        self._cancel_idle()
+        if self.idle_timeout and not self.exchanges and not self.lost:
+            self._idle = self.reactor.callLater(self.idle_timeout, self.drain)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        self._cancel_idle()
+        private = not self.route.port.public
+        pseudo: dict[bytes, bytes] = {}
+        regular: list[tuple[bytes, bytes]] = []
+        authorization = accept = content_type = content_length = None
+        hosts: list[bytes] = []
+        cookies: list[bytes] = []
+        forwarded_for: list[bytes] = []
+        forwarded: list[bytes] = []
+        problem: str | None = None
+        for name, value in headers:
+            if name[:1] == b":":
+                pseudo[name] = value
+                continue
+            if problem is None:
+                problem = h2_field_problem(name, value)
+            if name == b"authorization":
+                authorization = value
+                if private:
+                    continue  # the token never reaches the shard
+            elif name == b"cookie":
+                cookies.append(value)
+                if private:
+                    value = strip_cookie(value, self.ctx.cookie_name)
+                    if not value:
+                        continue
+            elif name == b"accept":
+                accept = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"x-forwarded-for":
+                forwarded_for.append(value)
+                continue
+            elif name == b"forwarded":
+                forwarded.append(value)
+                continue
+            elif name == b"host":
+                hosts.append(value)
+                continue
+            elif name in (b"x-forwarded-proto", b"x-forwarded-host", b"http2-settings") or name.startswith(b"proxy-"):
+                continue
+            elif name == b"expect" and self.pool is not None:
+                continue
+            elif name == b"content-length":
+                content_length = value
+                if self.pool is not None:
+                    continue  # the HTTP/1.1 upstream writes its own framing
+            elif name in (b"te", b"trailer") and self.pool is not None:
+                continue  # hop-by-hop on an HTTP/1.1 hop ("te: trailers" means nothing there)
+            regular.append((name, value))
+        method = pseudo.get(b":method", b"GET")
+        path = pseudo.get(b":path", b"/")
+        authority = pseudo.get(b":authority", b"")
+        problem = problem or h2_target_problem(method, path)
+        if problem is None and pseudo.get(b":scheme", b"https") not in (b"https", b"http"):
+            problem = ":scheme is not https"
+        if problem is None and len(hosts) > 1:
+            problem = "more than one host field"
+        if problem is None and hosts and authority and hosts[0] != authority:
+            problem = "host differs from :authority"
+        if problem is not None:
+            # RFC 9113 8.1.1: a malformed request is a stream error, never a request upstream.
+            metrics.HTTP_REJECTED.labels(reason="bad_request").inc()
+            self.log.info("h2 request from {client} refused: {problem}", client=self._client_ip(), problem=problem)
+            self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            if not self.exchanges:
+                self._arm_idle()  # a refused stream is no activity
+            return
+        authority = authority or (hosts[0] if hosts else b"")
+        exchange_class = ShardStream if self.pool is None else H1StreamExchange
+        exchange = exchange_class(self, stream_id, method, path, accept,
+                                  grpc=(content_type or b"").startswith(b"application/grpc"))
+        self.exchanges[stream_id] = exchange
+        host = authority_host(authority)
+        if host is None or (self.server_name and host != self.server_name):
+            metrics.HTTP_REJECTED.labels(reason="misdirected" if host else "bad_request").inc()
+            self.answer(exchange, Answer(421 if host else 400, (), (
+                "misdirected" if host else "bad_request",
+                ":authority names another host than the TLS name" if host else "no valid :authority")))
+            return
+        if method == b"CONNECT":
+            self.answer(exchange, Answer(405, ((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),),
+                                         ("method_not_allowed", "CONNECT is not proxied to shards")))
+            return
+        if method == b"GET" and path.split(b"?", 1)[0] == b"/auth-redirect":
+            self.answer(exchange, auth_redirect(self.ctx, path.decode("latin-1").partition("?")[2],
+                                                self.route.shard.task))
+            return
+        decision = None
+        token = None
+        if private:
+            token = request_token(authorization, cookies, self.ctx.cookie_name)
+            decision = authorize(self.ctx, token, self.route.shard.task)
+            if not decision.allowed:
+                original = f"https://{authority.decode('latin-1')}{path.decode('latin-1')}"
+                wants_html = negotiate(accept) == "html"
+                self.answer(exchange, refusal(self.ctx, decision, method, wants_html, original))
+                return
+        client_ip = self._client_ip()
+        wait = rate_limit_wait(self.ctx, client_ip, decision, lambda: token)
+        if wait:
+            self.answer(exchange, Answer(429, ((b"retry-after", retry_after_header(wait)),),
+                                         ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s")))
+            return
+        limit = self.ctx.max_body(self.route)
+        declared = int(content_length) if content_length is not None and content_length.isdigit() else None
+        if limit and declared is not None and declared > limit:
+            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+            self.answer(exchange, Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            return
+        trusted = self.ctx.trusted(client_ip)
+        forwarding = forwarding_headers(forwarded_for, forwarded, client_ip, authority, trusted=trusted)
+        if self.pool is not None:
+            fields = [(b"host", authority)] + regular + forwarding
+            opener: Callable[[], None] = lambda: exchange.begin(fields, declared, ended)  # type: ignore[attr-defined]
+            self.to_open.append((exchange, opener))
+            return
+        out = [(b":method", method), (b":scheme", pseudo.get(b":scheme", b"https")),
+               (b":authority", authority), (b":path", path)]
+        out += regular
+        out += forwarding
+        exchange.headers_only = ended
+        exchange.request_headers = out
+
+        def open_on_shard() -> None:
+            shard = self.shard_connection()
+            exchange.shard = shard
+            shard.open(exchange, out, end_stream=ended)
+        self.to_open.append((exchange, open_on_shard))
+
+    def _client_ip(self) -> str:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return str(getattr(peer, "host", "?"))
+
+    def shard_connection(self) -> ShardConnection:
+        """The connection new streams go to (a new one once the last is going away)."""
+        if self.shard is None or not self.shard.usable:
+            route = self.route
+            self.shard = ShardConnection(self.reactor, route.shard.address, route.port.target_port,
+                                         self.ctx.connect_timeout, self._shard_lost)
+            self.shard.partner = self
+            self.shards.add(self.shard)
+        return self.shard
+
+    def _shard_lost(self, shard: ShardConnection) -> None:
+        self.shards.discard(shard)
+        if self.shard is shard:
+            self.shard = None
+        if self.transport is not None:
+            self.flush()
+
+    def flush_both(self) -> None:
+        # Besides the current shard connection, one that is going away may still be finishing
+        # streams, and acknowledgements for those are due too.
+        self.flush()
+        for shard in list(self.shards):
+            shard.flush()
+
+    # -- answers -----------------------------------------------------------------------------------
+
+    def answer(self, exchange: ShardStream, answer: Answer) -> None:
+        """Answer a stream without the shard: a refusal, a redirect or an upstream failure."""
+        if exchange.finished or self.transport is None:
+            return
+        exchange.response_started = True
+        exchange.status = answer.status
+        metrics.count_request("proxy", answer.status, exchange.method)
+        sid = exchange.client_id
+        # No field value the gateway writes holds CR, LF or another control byte.
+        headers = [(b":status", str(answer.status).encode())] + [
+            (name, value) for name, value in answer.headers if header_value_ok(value)]
+        body = b""
+        if exchange.grpc and answer.error is not None:
+            # A gRPC client reads the outcome from grpc-status, in a trailers-only response.
+            code, message = answer.error
+            headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                       (b"grpc-status", str(_GRPC_STATUS.get(answer.status, 2)).encode()),
+                       (b"grpc-message", _grpc_message(f"{message} ({code})"))]
+        elif answer.error is not None:
+            metrics.HTTP_ERROR_PAGES.labels(code=str(answer.status)).inc()
+            content_type, body = render_error(answer.status, answer.error[0], answer.error[1], exchange.accept)
+            headers += [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                        (b"cache-control", b"no-store")]
+        else:
+            headers.append((b"content-length", b"0"))
+        try:
+            self.h2.send_headers(sid, headers, end_stream=not body)
+            if body:
+                pipe = Pipe(self, sid, lambda size: None)
+                pipe.push(body, len(body))
+                pipe.finish()
+        except h2.exceptions.ProtocolError:
+            pass
+        exchange.response_ended = True
+        if not exchange.request_ended:
+            self.after_response(exchange)
+        exchange._done("answered")
+
+    def reset(self, stream_id: int, code: Any) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def after_response(self, exchange: ShardStream) -> None:
+        """The response is complete but the client is still sending: stop it (NO_ERROR)."""
+        sid = exchange.client_id
+        pipe = self.pipes.get(sid)
+        if pipe is None:
+            self.reset(sid, h2.errors.ErrorCodes.NO_ERROR)
+        else:
+            pipe.on_done = lambda: self.reset(sid, h2.errors.ErrorCodes.NO_ERROR)
+
+    def exchange_done(self, exchange: ShardStream, outcome: str) -> None:
+        self.exchanges.pop(exchange.client_id, None)
+        if self.ctx.access_log:
+            self.log.info(
+                "access {client} {method} {path} -> {status} shard={shard} port={port} "
+                "bytes={bytes} duration={duration:.3f}",
+                event_kind="http_access", client=self._client_ip(), method=exchange.method.decode("latin-1"),
+                path=exchange.path.split(b"?", 1)[0].decode("latin-1"), status=exchange.status or outcome,
+                shard=self.route.shard.id, port=self.route.port.port, bytes=exchange.sent,
+                duration=time.monotonic() - exchange.started)
+        if not self.exchanges:
+            if self.closing and self.transport is not None:
+                self.flush()
+                if not self.pipes:
+                    self.transport.loseConnection()
+            else:
+                self._arm_idle()
+
+
+
+def _grpc_message(text: str) -> bytes:
+    """Percent-encode a grpc-message value (gRPC over HTTP/2, "Responses")."""
+    out = bytearray()
+    for byte in text.encode("utf-8"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+
+__all__ = ["H2FrontConnection"]
