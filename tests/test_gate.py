@@ -20,20 +20,18 @@ import jwt
 import pytest
 from twisted.internet import error as ierror
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from zope.interface import implementer
 
 from twisted_gateway.config import LimitsConfig
 from twisted_gateway.directory.model import Route, Shard, ShardPort
 from twisted_gateway.http.auth import TokenVerifier
-from twisted_gateway.http.h2.front import H2FrontConnection
 from twisted_gateway.http.context import HTTPRouteContext
 from twisted_gateway.http.h1.connection import H1ProxyConnection
-from twisted_gateway.http.upstream import IUpstream, RawHeaders
+from twisted_gateway.http.h2.front import H2FrontConnection
+
+from test_h1 import RecordingUpstream
 
 NAME = "web-80.gw.test"
 PEER = "10.0.0.9"
@@ -54,34 +52,6 @@ def context(limits: dict[str, Any] | None = None, trusted: tuple[str, ...] = (),
                             trusted_proxies=trusted)
 
 
-class _Response:
-    def __init__(self, code: int, body: bytes) -> None:
-        self.code, self.phrase, self.length = code, b"OK", len(body)
-        self.headers = RawHeaders()
-        self.headers.addRawHeader(b"Content-Length", b"%d" % len(body))
-        self.body = body
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(StringTransport())
-        if self.body:
-            protocol.dataReceived(self.body)
-        protocol.connectionLost(Failure(ResponseDone()))
-
-
-@implementer(IUpstream)
-class Upstream:
-    """An HTTP/1.1 shard in memory: records each request; answers when told."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-
-    def request(self, address: str, port: int, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
-                body: Any = None, upgrade: bool = False) -> Deferred:
-        record: dict[str, Any] = {"method": method, "path": path, "headers": headers, "d": Deferred()}
-        self.requests.append(record)
-        return record["d"]
-
-
 class Front:
     """One client connection through one front end to one shard, all in memory."""
 
@@ -89,7 +59,7 @@ class Front:
         self.kind, self.ctx, self.shard_up = kind, ctx, shard_up
         port = ShardPort(80, "h2" if kind == "h2-to-h2c" else "http/1.1", public)
         self.route = Route(Shard("s1", "tasks/web", "web", "127.0.0.1", (port,)), port)
-        self.upstream = Upstream()
+        self.upstream = RecordingUpstream()
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", PEER, 4000))
         self.shard_transport: _ShardTransport | None = None
         self.shard_proto: Any = None
@@ -187,7 +157,7 @@ class Front:
             self.shard_h2.send_data(sid, body, end_stream=True)
             self.shard_proto.dataReceived(self.shard_h2.data_to_send())
         else:
-            self.upstream.requests[0]["d"].callback(_Response(code, body))
+            self.upstream.answer(0, body, code)
 
     def shard_refuses(self) -> None:
         failure = Failure(ierror.ConnectionRefusedError())

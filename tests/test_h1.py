@@ -17,12 +17,13 @@ from zope.interface import implementer
 
 from twisted_gateway.config import LimitsConfig
 from twisted_gateway.directory.model import Route, Shard, ShardPort
-from twisted_gateway.http.framing import (
-    authority_host, client_fields_for_shard, h2_target_problem, response_fields_for_client,
-)
-from twisted_gateway.http.h1.parse import END, RequestHead, RequestReader, Rejected, Stopped
 from twisted_gateway.http.context import HTTPRouteContext
+from twisted_gateway.http.framing import (
+    authority_host, client_fields_for_shard, forwarding_claims, h2_target_problem, response_fields_for_client,
+)
 from twisted_gateway.http.h1.connection import H1ProxyConnection
+from twisted_gateway.http.h1.parse import END, RequestHead, RequestReader, Rejected, Stopped
+from twisted_gateway.http.policy import forwarding_headers
 from twisted_gateway.http.upstream import IUpstream, RawHeaders
 
 NAME = "web-80.gw.test"
@@ -133,8 +134,8 @@ def test_fields_for_the_shard_drop_hop_by_hop_framing_tokens_and_claims():
               (b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked"), (b"Authorization", b"Bearer t"),
               (b"Cookie", b"a=1; gw=tok"), (b"X-Forwarded-For", b"6.6.6.6"), (b"Forwarded", b"for=6.6.6.6"),
               (b"X-Forwarded-Host", b"evil"), (b"Accept", b"*/*")]
-    out = client_fields_for_shard(fields, b"web-80.gw.test", private=True, cookie_name=b"gw",
-                                  client_ip="10.1.1.1", trusted=False)
+    own = forwarding_headers([], [], "10.1.1.1", b"web-80.gw.test")
+    out = client_fields_for_shard(fields, b"web-80.gw.test", private=True, cookie_name=b"gw", forwarding=own)
     names = [n.lower() for n, _ in out]
     assert names.count(b"host") == 1 and out[0] == (b"Host", b"web-80.gw.test")
     for gone in (b"connection", b"x-secret", b"keep-alive", b"te", b"trailer", b"upgrade", b"http2-settings",
@@ -143,9 +144,13 @@ def test_fields_for_the_shard_drop_hop_by_hop_framing_tokens_and_claims():
     assert dict(out)[b"Cookie"] == b"a=1"
     assert dict(out)[b"x-forwarded-for"] == b"10.1.1.1"
     assert b"6.6.6.6" not in b"".join(v for _, v in out)
-    trusted = client_fields_for_shard(fields, b"web-80.gw.test", private=False, cookie_name=b"gw",
-                                      client_ip="10.1.1.1", trusted=True, upgrade=True)
+    # The client's own claims, which the gate keeps from a trusted proxy (tests/test_gate.py).
+    assert forwarding_claims(fields, frozenset({b"keep-alive", b"x-secret"})) == ((b"6.6.6.6",), (b"for=6.6.6.6",))
+    assert forwarding_claims(fields, frozenset({b"x-forwarded-for"})) == ((), (b"for=6.6.6.6",))
+    trusted = client_fields_for_shard(fields, b"web-80.gw.test", private=False, cookie_name=b"gw", upgrade=True,
+                                      forwarding=forwarding_headers([b"6.6.6.6"], [], "10.1.1.1", b"h", trusted=True))
     assert dict(trusted)[b"x-forwarded-for"] == b"6.6.6.6, 10.1.1.1"
+    assert [v for n, v in trusted if n.lower() == b"x-forwarded-for"] == [b"6.6.6.6, 10.1.1.1"]
     assert (b"Upgrade", b"websocket") in trusted and (b"Connection", b"Upgrade") in trusted
     assert dict(trusted)[b"Authorization"] == b"Bearer t"  # public ports keep the client's own
 
@@ -153,7 +158,7 @@ def test_fields_for_the_shard_drop_hop_by_hop_framing_tokens_and_claims():
 def test_a_connection_field_cannot_name_away_the_gateways_own_fields():
     out = client_fields_for_shard([(b"Host", b"h"), (b"Connection", b"host, x-forwarded-for, cookie"),
                                    (b"Cookie", b"a=1")], b"h", private=False, cookie_name=b"gw",
-                                  client_ip="1.2.3.4", trusted=False)
+                                  forwarding=forwarding_headers([], [], "1.2.3.4", b"h"))
     names = [n.lower() for n, _ in out]
     assert names.count(b"host") == 1 and b"x-forwarded-for" in names and b"cookie" in names
 

@@ -523,6 +523,7 @@ def test_challenge_board_lets_another_process_answer(tmp_path):
 
 def test_h2_replay_copies_are_bounded_per_stream_and_connection():
     from twisted_gateway.http.h2.stream import ShardStream
+    from twisted_gateway.http.policy import RequestState
 
     class Front:
         replay_held = 0
@@ -531,7 +532,7 @@ def test_h2_replay_copies_are_bounded_per_stream_and_connection():
         def ack(self, stream_id, size):
             self.acked.append(size)
     front = Front()
-    exchanges = [ShardStream(front, sid, b"POST", b"/", None, False) for sid in (1, 3, 5, 7, 9)]
+    exchanges = [ShardStream(front, sid, RequestState(b"POST", b"/", b"x", "2", "?")) for sid in (1, 3, 5, 7, 9)]
     chunk = b"x" * 16384
     for exchange in exchanges:
         for _ in range(4):  # 64 KiB each: exactly the per-stream bound

@@ -1,6 +1,8 @@
 """
-A request body passed to an upstream (L{twisted_gateway.http.upstream.IUpstream}) as it arrives
-from the client, holding only a bounded amount while the upstream connection is being set up.
+The bodies of a request in flight through an upstream (L{twisted_gateway.http.upstream.IUpstream}):
+the request body passed on as it arrives from the client, holding only a bounded amount while
+the upstream connection is being set up (L{StreamingBody}); the response body on its way to the
+client (L{ResponseRelay}, which each front end completes); and letting go of both (L{abandon}).
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
@@ -88,4 +93,41 @@ class StreamingBody:
         self._consumer = None
 
 
-__all__ = ["StreamingBody"]
+class ResponseRelay(Protocol):
+    """
+    A shard's response body on its way to the client, as an upstream's C{deliverBody} hands it
+    over: the front end's subclass passes each chunk on and is told C{body_ended(complete)} once
+    (C{complete}: it ended where its framing said; otherwise the shard broke off mid-body);
+    C{stop()} lets go of it first, after which nothing more is passed on.
+    """
+
+    done = False
+
+    def body_ended(self, complete: bool) -> None:
+        raise NotImplementedError
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done:
+            return
+        self.done = True
+        self.body_ended(reason is None or bool(reason.check(ResponseDone)))
+
+    def stop(self) -> None:
+        if not self.done:
+            self.done = True
+            if self.transport is not None:
+                self.transport.stopProducing()
+
+
+def abandon(body: StreamingBody | None, relay: ResponseRelay | None, deferred: Deferred | None) -> None:
+    """Let go of a request in flight: the rest of its body is swallowed, its response relay
+    stopped and its Deferred cancelled (which makes the upstream drop its connection)."""
+    if body is not None:
+        body.discard()
+    if relay is not None:
+        relay.stop()
+    if deferred is not None and not deferred.called:
+        deferred.cancel()
+
+
+__all__ = ["ResponseRelay", "StreamingBody", "abandon"]

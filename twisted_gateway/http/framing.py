@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from twisted_gateway.http.policy import forwarding_headers, strip_cookie
+from twisted_gateway.http.policy import header_value_ok, strip_cookie
 
 # RFC 9110 7.6.1: connection-specific fields, never forwarded; with the framing fields the
 # gateway computes itself and fields of protocols it never lets a client switch to.
@@ -38,28 +38,23 @@ def connection_named(fields: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 
 def client_fields_for_shard(fields: Iterable[tuple[bytes, bytes]], host: bytes, *, private: bool,
-                            cookie_name: bytes, client_ip: str, trusted: bool,
+                            cookie_name: bytes, forwarding: Iterable[tuple[bytes, bytes]],
                             upgrade: bool = False) -> list[tuple[bytes, bytes]]:
     """
     The fields of a client's request as the shard gets them: Host first (the authority the
-    gateway checked), no hop-by-hop or framing field, no token on private ports, the gateway's
-    forwarding fields (the client's own kept only from a trusted proxy), and for a websocket
-    upgrade the two fields that ask for it.  The framing field is added by the upstream.
+    gateway checked), no hop-by-hop or framing field, no token on private ports, the client's
+    own forwarding fields replaced by C{forwarding} (the gate's, L{policy.gate}), and for a
+    websocket upgrade the two fields that ask for it.  The framing field is added by the
+    upstream.
     """
     fields = list(fields)
-    drop = connection_named(fields) | _REPLACED
+    drop = connection_named(fields) | _REPLACED | _FORWARDING
     # Connection cannot name away what the gateway itself writes.
     drop -= {b"cookie", b"authorization"} if not private else {b"cookie"}
-    previous_for: list[bytes] = []
-    previous_forwarded: list[bytes] = []
     out: list[tuple[bytes, bytes]] = [(b"Host", host)]
     for name, value in fields:
         lname = name.lower()
         if lname in drop or lname.startswith(b"proxy-"):
-            continue
-        if lname in _FORWARDING:
-            if trusted:
-                (previous_for if lname == b"x-forwarded-for" else previous_forwarded).append(value)
             continue
         if lname == b"authorization" and private:
             continue  # the token never reaches the shard
@@ -68,10 +63,26 @@ def client_fields_for_shard(fields: Iterable[tuple[bytes, bytes]], host: bytes, 
             if not value:
                 continue
         out.append((name, value))
-    out += forwarding_headers(previous_for, previous_forwarded, client_ip, host, trusted=trusted)
+    out += forwarding
     if upgrade:
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     return out
+
+
+def forwarding_claims(fields: Iterable[tuple[bytes, bytes]],
+                      named: frozenset[bytes]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """
+    The X-Forwarded-For and Forwarded values of an HTTP/1.1 request, for the gate to keep from a
+    trusted proxy; none that its Connection field names (C{named}), since such a field is
+    hop-by-hop (RFC 9110 7.6.1) and never forwarded.
+    """
+    forwarded_for: list[bytes] = []
+    forwarded: list[bytes] = []
+    for name, value in fields:
+        lname = name.lower()
+        if lname in _FORWARDING and lname not in named:
+            (forwarded_for if lname == b"x-forwarded-for" else forwarded).append(value)
+    return tuple(forwarded_for), tuple(forwarded)
 
 
 def response_fields_for_client(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -112,7 +123,7 @@ def h2_field_problem(name: bytes, value: bytes) -> str | None:
     h2 library refuses only NUL, CR and LF, and an HTTP/1.1 shard would read the rest."""
     if not is_token(name):
         return "a field name is not a token"
-    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+    if not header_value_ok(value):
         return "a field value holds a control byte"
     return None
 
@@ -137,4 +148,5 @@ def authority_host(authority: bytes) -> bytes | None:
 
 
 __all__ = ["HOP_BY_HOP", "REASONS", "authority_host", "client_fields_for_shard", "connection_named",
-           "h2_field_problem", "h2_target_problem", "is_token", "response_fields_for_client", "safe_phrase"]
+           "forwarding_claims", "h2_field_problem", "h2_target_problem", "is_token", "response_fields_for_client",
+           "safe_phrase"]

@@ -1,10 +1,16 @@
 """
-What the gateway decides about a proxied HTTP request before it reaches a shard, independent of
-the HTTP version the client speaks: which token it carries, whether it may pass, where a browser
-is sent to sign in, the ``/auth-redirect`` answer (and which ``orig_url`` it may send a browser
-to), the rate limits, and the forwarding headers (and whose forwarding headers are believed).
+The gate: what the gateway decides about a proxied HTTP request before it reaches a shard,
+independent of the HTTP version the client speaks, and how it answers when the shard does not.
 
-The HTTP/1.1 front (L{twisted_gateway.http.h1.connection}) and the h2 front
+L{gate} takes the request as a L{RequestState} (read by the front end from an HTTP/1.1 head or
+an h2 HEADERS frame) and either answers it itself (an L{Answer}: the ``/auth-redirect``
+answer, a refused token or the sign-in redirect, a rate limit, a declared body over the limit)
+or admits it (L{Admitted}, with the forwarding fields the gateway writes, believing the
+client's own only from a trusted proxy).  L{upstream_failed} is the answer for a request the
+shard did not answer, L{body_too_large} for a body that grew over the limit, and L{access_log}
+the one access-log line of every request.
+
+The HTTP/1.1 front (L{twisted_gateway.http.h1.exchange}) and the h2 front
 (L{twisted_gateway.http.h2.front}) both use these, so a request is treated the same whichever
 way it arrives.
 """
@@ -13,20 +19,24 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Iterable
+import time
+from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import parse_qs, quote
 
 import attrs
+from twisted.internet import error as ierror
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
+from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import AuthDecision, bearer_token
-from twisted_gateway.limits import Network, in_networks, parse_networks
+from twisted_gateway.http.errors import negotiate
+from twisted_gateway.http.upstream import BadResponse
+from twisted_gateway.limits import Network, in_networks, parse_networks, retry_after_header
 
-# RFC 9110 7.6.1: connection-specific fields never forwarded.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
-    b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
+if TYPE_CHECKING:
+    from twisted_gateway.http.context import HTTPRouteContext
 
 
 @attrs.frozen
@@ -65,7 +75,7 @@ def strip_cookie(value: bytes, cookie_name: bytes) -> bytes:
     return b"; ".join(p for p in parts if p and not p.startswith(cookie_name + b"="))
 
 
-def authorize(ctx: Any, token: str | None, task: str) -> AuthDecision:
+def authorize(ctx: HTTPRouteContext, token: str | None, task: str) -> AuthDecision:
     """Whether C{token} opens a private port of C{task} (C{ctx} is an C{HTTPRouteContext})."""
     if ctx.verifier is None:
         return AuthDecision("invalid", 403, "private ports need auth.* to be configured")
@@ -229,7 +239,7 @@ def _refused(decision: AuthDecision) -> Answer:
     return Answer(decision.status, headers, (decision.outcome, decision.message))
 
 
-def refusal(ctx: Any, decision: AuthDecision, method: bytes, wants_html: bool, original_url: str) -> Answer:
+def refusal(ctx: HTTPRouteContext, decision: AuthDecision, method: bytes, wants_html: bool, original_url: str) -> Answer:
     """How to answer a request the token check refused (C{ctx} is an C{HTTPRouteContext})."""
     if method == b"GET" and wants_html and decision.status == 401 and ctx.signin_url:
         sep = "&" if "?" in ctx.signin_url else "?"
@@ -241,7 +251,7 @@ def refusal(ctx: Any, decision: AuthDecision, method: bytes, wants_html: bool, o
     return _refused(decision)
 
 
-def auth_redirect(ctx: Any, query: str, task: str | None = None) -> Answer:
+def auth_redirect(ctx: HTTPRouteContext, query: str, task: str | None = None) -> Answer:
     """
     ``GET /auth-redirect?token=...&orig_url=...``: the control plane sends a signed-in browser
     here; set the auth cookie and send it back to C{orig_url}, which must be an https URL under
@@ -278,7 +288,7 @@ def auth_redirect(ctx: Any, query: str, task: str | None = None) -> Answer:
                         (b"cache-control", b"no-store")))
 
 
-def rate_limit_wait(ctx: Any, client_ip: str, decision: AuthDecision | None,
+def rate_limit_wait(ctx: HTTPRouteContext, client_ip: str, decision: AuthDecision | None,
                     token: Callable[[], str | None]) -> float:
     """0, or the seconds until this client (IP, then token subject) may send again.  C{token}
     gives the request's token, asked for only when its claims name no subject."""
@@ -340,6 +350,124 @@ def forwarding_headers(previous_for: list[bytes], previous_forwarded: list[bytes
     ]
 
 
-__all__ = ["Answer", "HOP_BY_HOP", "MAX_REDIRECT_URL", "auth_redirect", "authorize", "cookie_value",
-           "forwarding_headers", "header_value_ok", "rate_limit_wait", "redirect_target", "refusal",
-           "request_token", "strip_cookie", "trusted_peer"]
+# -- the gate -------------------------------------------------------------------------------------
+
+@attrs.define
+class RequestState:
+    """
+    One proxied request as the gate and the access log see it, whichever front end read it;
+    the front end fills in the answer's C{status} and the body bytes C{sent} as they happen.
+    """
+
+    method: bytes
+    target: bytes
+    """The request target in origin-form (query included), or C{*}."""
+    authority: bytes
+    """The authority the request is for (the front end checked it against the TLS name)."""
+    version: str
+    """C{"1.0"} or C{"1.1"} (HTTP/1.1 clients), C{"2"} (h2 clients)."""
+    client_ip: str
+    token: str | None = None
+    """The bearer token (the Authorization field, else the auth cookie); read on private ports only."""
+    accept: bytes | None = None
+    declared_length: int | None = None
+    """The body length the request declared, if it did."""
+    grpc: bool = False
+    forwarded_for: tuple[bytes, ...] = ()
+    forwarded: tuple[bytes, ...] = ()
+    """The client's own X-Forwarded-For and Forwarded values (believed from a trusted proxy only)."""
+    started: float = attrs.field(factory=time.monotonic)
+    status: int = 0
+    """The status of the answer, once there is one."""
+    sent: int = 0
+    """Response body bytes passed to the client."""
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.decode("latin-1").partition("?")[2]
+
+
+@attrs.frozen
+class Admitted:
+    """The gate let the request through: it goes to the shard with these forwarding fields."""
+
+    forwarding: tuple[tuple[bytes, bytes], ...]
+
+
+def gate(ctx: HTTPRouteContext, route: Route, request: RequestState) -> Answer | Admitted:
+    """
+    Whether C{request} for C{route} may reach the shard, in order: ``/auth-redirect`` (answered
+    by the gateway), the token on a private port (refused, or a browser sent to sign in), the
+    rate limits (by client IP, then by token subject), the declared body size.  What the front
+    end checked first (the form of the request, its authority) is not repeated here.
+    """
+    if request.method == b"GET" and request.path == b"/auth-redirect":
+        return auth_redirect(ctx, request.query, route.shard.task)
+    decision: AuthDecision | None = None
+    if not route.port.public:
+        decision = authorize(ctx, request.token, route.shard.task)
+        if not decision.allowed:
+            original = f"https://{request.authority.decode('latin-1')}{request.target.decode('latin-1')}"
+            return refusal(ctx, decision, request.method, negotiate(request.accept) == "html", original)
+    wait = rate_limit_wait(ctx, request.client_ip, decision, lambda: request.token)
+    if wait:
+        return Answer(429, ((b"retry-after", retry_after_header(wait)),),
+                      ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s"))
+    limit = ctx.max_body(route)
+    if limit and request.declared_length is not None and request.declared_length > limit:
+        return body_too_large(limit)
+    forwarding = forwarding_headers(list(request.forwarded_for), list(request.forwarded), request.client_ip,
+                                    request.authority, trusted=ctx.trusted(request.client_ip))
+    return Admitted(tuple(forwarding))
+
+
+def body_too_large(limit: int) -> Answer:
+    """The answer to a body over C{limit} bytes, declared or grown (counted)."""
+    metrics.HTTP_REJECTED.labels(reason="too_large").inc()
+    return Answer(413, (), ("too_large", f"the request body is over {limit} bytes"))
+
+
+def _failure_kind(failure: Failure, shard_id: str, timed_out: bool) -> tuple[int, str, str, str]:
+    """(status, error code, message, metric reason) for a request the shard did not answer."""
+    if timed_out or failure.check(ierror.TimeoutError, ierror.TCPTimedOutError):
+        return 504, "upstream_timeout", f"shard {shard_id} did not answer within the timeout", "timeout"
+    if failure.check(ierror.ConnectionRefusedError):
+        return 502, "upstream_refused", f"shard {shard_id} refused the connection", "refused"
+    if failure.check(ierror.ConnectError, ierror.DNSLookupError):
+        return 502, "upstream_unreachable", f"shard {shard_id} is unreachable", "unreachable"
+    if failure.check(BadResponse):
+        return 502, "upstream_bad_response", f"shard {shard_id} sent a malformed response", "bad_response"
+    return 502, "upstream_reset", f"shard {shard_id} closed the connection", "error"
+
+
+def upstream_failed(log: Logger, route: Route, failure: Failure, timed_out: bool) -> Answer:
+    """The answer for a request the shard of C{route} did not answer (counted, and logged with
+    C{log}): 504 after the response timeout, else 502 saying what went wrong."""
+    status, code, message, reason = _failure_kind(failure, route.shard.id, timed_out)
+    if reason in ("timeout", "refused", "unreachable"):
+        metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
+    log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})", shard=route.shard.id,
+             address=route.shard.address, port=route.port.target_port, code=code,
+             error=failure.getErrorMessage())
+    return Answer(status, (), (code, message))
+
+
+def access_log(log: Logger, ctx: HTTPRouteContext, route: Route, request: RequestState, outcome: str) -> None:
+    """The access-log line of a finished request (C{outcome} stands in for a status it never got)."""
+    if not ctx.access_log:
+        return
+    log.info(
+        "access {client} {method} {path} -> {status} shard={shard} port={port} "
+        "bytes={bytes} duration={duration:.3f}",
+        event_kind="http_access", client=request.client_ip, method=request.method.decode("latin-1"),
+        path=request.path.decode("latin-1"), status=request.status or outcome, shard=route.shard.id,
+        port=route.port.port, bytes=request.sent, duration=time.monotonic() - request.started)
+
+
+__all__ = ["Admitted", "Answer", "MAX_REDIRECT_URL", "RequestState", "access_log", "auth_redirect", "authorize",
+           "body_too_large", "cookie_value", "forwarding_headers", "gate", "header_value_ok", "rate_limit_wait",
+           "redirect_target", "refusal", "request_token", "strip_cookie", "trusted_peer", "upstream_failed"]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from zope.interface import Interface
 
 
@@ -65,17 +63,4 @@ class RawHeaders:
         return self._fields.items()
 
 
-def upstream_failure_answer(failure: Failure, shard_id: str, timed_out: bool) -> tuple[int, str, str, str]:
-    """(status, error code, message, metric reason) for a request the shard did not answer."""
-    if timed_out or failure.check(ierror.TimeoutError, ierror.TCPTimedOutError):
-        return 504, "upstream_timeout", f"shard {shard_id} did not answer within the timeout", "timeout"
-    if failure.check(ierror.ConnectionRefusedError):
-        return 502, "upstream_refused", f"shard {shard_id} refused the connection", "refused"
-    if failure.check(ierror.ConnectError, ierror.DNSLookupError):
-        return 502, "upstream_unreachable", f"shard {shard_id} is unreachable", "unreachable"
-    if failure.check(BadResponse):
-        return 502, "upstream_bad_response", f"shard {shard_id} sent a malformed response", "bad_response"
-    return 502, "upstream_reset", f"shard {shard_id} closed the connection", "error"
-
-
-__all__ = ["BadResponse", "IUpstream", "RawHeaders", "upstream_failure_answer"]
+__all__ = ["BadResponse", "IUpstream", "RawHeaders"]

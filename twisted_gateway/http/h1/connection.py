@@ -17,7 +17,6 @@ a request head, a body's rate and an idle or stalled client.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from typing import Any
 
@@ -34,7 +33,7 @@ from twisted_gateway.http.errors import render_error
 from twisted_gateway.http.framing import REASONS
 from twisted_gateway.http.h1.exchange import H1Exchange
 from twisted_gateway.http.h1.parse import END, RequestHead, RequestReader, Rejected, Stopped
-from twisted_gateway.http.policy import Answer
+from twisted_gateway.http.policy import Answer, access_log
 from twisted_gateway.splice import Splice, UpstreamSide
 
 
@@ -413,16 +412,7 @@ class H1ProxyConnection(Protocol):
         self._start_rate_check()
 
     def _access_log(self, exchange: H1Exchange, outcome: str) -> None:
-        if not self.ctx.access_log:
-            return
-        head = exchange.head
-        self.log.info(
-            "access {client} {method} {path} -> {status} shard={shard} port={port} "
-            "bytes={bytes} duration={duration:.3f}",
-            event_kind="http_access", client=self.client_ip, method=head.method.decode("latin-1"),
-            path=head.path.decode("latin-1"), status=exchange.status or outcome,
-            shard=self.route.shard.id, port=self.route.port.port, bytes=exchange.sent,
-            duration=time.monotonic() - exchange.started)
+        access_log(self.log, self.ctx, self.route, exchange.request, outcome)
 
 
 __all__ = ["H1ProxyConnection"]

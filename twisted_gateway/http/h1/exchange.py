@@ -13,32 +13,28 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from twisted_gateway import metrics
-from twisted_gateway.http.auth import AuthDecision
-from twisted_gateway.http.body import StreamingBody
-from twisted_gateway.http.errors import negotiate
-from twisted_gateway.http.framing import REASONS, client_fields_for_shard, response_fields_for_client, safe_phrase
+from twisted_gateway.http.body import ResponseRelay, StreamingBody, abandon
+from twisted_gateway.http.framing import (
+    REASONS, client_fields_for_shard, forwarding_claims, response_fields_for_client, safe_phrase,
+)
 from twisted_gateway.http.h1.parse import RequestHead, Rejected
 from twisted_gateway.http.policy import (
-    Answer, auth_redirect, authorize, rate_limit_wait, refusal, request_token,
+    Answer, RequestState, body_too_large, gate, request_token, upstream_failed,
 )
-from twisted_gateway.http.upstream import upstream_failure_answer
-from twisted_gateway.limits import retry_after_header
 
 if TYPE_CHECKING:
     from twisted_gateway.http.h1.connection import H1ProxyConnection
 
 
-class _ResponseRelay(Protocol):
+class _ResponseRelay(ResponseRelay):
     """Streams the shard's response body to the client with the gateway's framing."""
 
     def __init__(self, exchange: H1Exchange, chunked: bool) -> None:
         self.exchange = exchange
         self.chunked = chunked
-        self.done = False
 
     def makeConnection(self, transport: Any) -> None:
         # The shard's socket is paused while the client's is full (see H1ProxyConnection's
@@ -52,16 +48,13 @@ class _ResponseRelay(Protocol):
         client = self.exchange.conn.transport
         if client is None:
             return
-        self.exchange.sent += len(data)
+        self.exchange.request.sent += len(data)
         client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.done:
-            return
-        self.done = True
+    def body_ended(self, complete: bool) -> None:
         client = self.exchange.conn.transport
         self.exchange.conn.relay_stopped()
-        if reason is not None and not reason.check(ResponseDone):
+        if not complete:
             # The shard broke off mid-body: the client sees a cut connection, never a short
             # body that looks whole.
             self.exchange.finish("upstream_reset", keep_alive=False, abort=True)
@@ -70,12 +63,6 @@ class _ResponseRelay(Protocol):
             client.write(b"0\r\n\r\n")
         self.exchange.finish("ok")
 
-    def stop(self) -> None:
-        if not self.done:
-            self.done = True
-            if self.transport is not None:
-                self.transport.stopProducing()
-
 
 class H1Exchange:
     """One request of a client connection and its answer."""
@@ -83,56 +70,33 @@ class H1Exchange:
     def __init__(self, conn: H1ProxyConnection, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
-        self.started = time.monotonic()
+        self.request = _request_state(head, conn.client_ip, not conn.route.port.public, conn.ctx.cookie_name)
         self.body: StreamingBody | None = None
         self.received = 0
         self.request_done = False
         self.response_started = False
         self.finished = False
         self.upgrade = False
-        self.status = 0
-        self.sent = 0
         self.keep_alive = head.keep_alive
         self.deferred: Deferred | None = None
         self.relay: _ResponseRelay | None = None
         self.timer: Any = None
         self.timed_out = False
         self.abandoned = False
-        self.client_ip = conn.client_ip
 
     # -- the gate ------------------------------------------------------------------------------
 
     def start(self) -> None:
         conn, head, ctx, route = self.conn, self.head, self.conn.ctx, self.conn.route
-        if head.path == b"/auth-redirect" and head.method == b"GET":
-            query = head.target.decode("latin-1").partition("?")[2]
-            self.answer(auth_redirect(ctx, query, route.shard.task))
-            return
-        decision: AuthDecision | None = None
-        token = None
-        if not route.port.public:
-            token = request_token(self._field(b"authorization"), self._fields(b"cookie"), ctx.cookie_name)
-            decision = authorize(ctx, token, route.shard.task)
-            if not decision.allowed:
-                original = f"https://{head.host.decode('latin-1')}{head.target.decode('latin-1')}"
-                wants_html = negotiate(self._field(b"accept")) == "html"
-                self.answer(refusal(ctx, decision, head.method, wants_html, original))
-                return
-        wait = rate_limit_wait(ctx, self.client_ip, decision, lambda: token)
-        if wait:
-            self.answer(Answer(429, ((b"retry-after", retry_after_header(wait)),),
-                               ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s")))
-            return
-        limit = ctx.max_body(route)
-        if limit and head.length is not None and head.length > limit:
-            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
-            self.answer(Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+        verdict = gate(ctx, route, self.request)
+        if isinstance(verdict, Answer):
+            self.answer(verdict)
             return
         self.upgrade = (conn.websockets and head.method == b"GET" and b"websocket" in head.upgrade
                         and head.version == "1.1")
         fields = client_fields_for_shard(
             head.fields, head.host, private=not route.port.public, cookie_name=ctx.cookie_name,
-            client_ip=self.client_ip, trusted=ctx.trusted(self.client_ip), upgrade=self.upgrade)
+            forwarding=verdict.forwarding, upgrade=self.upgrade)
         if head.body != "none":
             self.body = StreamingBody(head.length, lambda: conn.pause("body"), lambda: conn.resume("body"))
             if head.expect_continue:
@@ -147,24 +111,14 @@ class H1Exchange:
         if self.body is None:
             self.request_ended()
 
-    def _field(self, name: bytes) -> bytes | None:
-        for n, v in self.head.fields:
-            if n.lower() == name:
-                return v
-        return None
-
-    def _fields(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.head.fields if n.lower() == name]
-
     # -- the request body ----------------------------------------------------------------------
 
     def body_data(self, data: bytes) -> None:
         self.received += len(data)
         limit = self.conn.ctx.max_body(self.conn.route)
         if limit and self.received > limit:
-            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
             self.abandon_upstream()
-            self.answer(Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            self.answer(body_too_large(limit))
             return
         if self.body is not None:
             self.body.write(data)
@@ -187,13 +141,8 @@ class H1Exchange:
     def abandon_upstream(self) -> None:
         self.keep_alive = False
         self.abandoned = True
-        if self.body is not None:
-            self.body.discard()
-        if self.relay is not None:
-            self.relay.stop()
         d, self.deferred = self.deferred, None
-        if d is not None and not d.called:
-            d.cancel()
+        abandon(self.body, self.relay, d)
 
     def _time_out(self) -> None:
         self.timer = None
@@ -210,9 +159,9 @@ class H1Exchange:
         if self.finished or conn.transport is None:
             response.deliverBody(Protocol())
             return
-        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.started)
+        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.request.started)
         code = response.code
-        self.status = code
+        self.request.status = code
         self.response_started = True
         metrics.count_request("proxy", code, self.head.method)
         if code == 101:
@@ -262,19 +211,13 @@ class H1Exchange:
         self._cancel_timer()
         if self.finished or self.abandoned:
             return  # the gateway gave up on the shard itself, and answers the client so
-        route = self.conn.route
-        status, code, message, reason = upstream_failure_answer(failure, route.shard.id, self.timed_out)
-        if reason in ("timeout", "refused", "unreachable"):
-            metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
-        self.conn.log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})", shard=route.shard.id,
-                           address=route.shard.address, port=route.port.target_port, code=code,
-                           error=failure.getErrorMessage())
+        answer = upstream_failed(self.conn.log, self.conn.route, failure, self.timed_out)
         if self.body is not None:
             self.body.discard()
         if self.response_started:
             self.finish("upstream_reset", keep_alive=False, abort=True)
             return
-        self.answer(Answer(status, (), (code, message)))
+        self.answer(answer)
 
     def answer(self, answer: Answer) -> None:
         """Answer without the shard: a refusal, a redirect, a rejection or an upstream failure."""
@@ -284,10 +227,10 @@ class H1Exchange:
             self.finish("error", keep_alive=False, abort=True)
             return
         self.response_started = True
-        self.status = answer.status
+        self.request.status = answer.status
         if not self.request_done:
             self.keep_alive = False  # its body is not read: the connection cannot carry another
-        self.conn.write_answer(answer, self.head.method, self._field(b"accept"), self.head.version,
+        self.conn.write_answer(answer, self.request.method, self.request.accept, self.request.version,
                                self.keep_alive)
         self.finish("answered")
 
@@ -306,6 +249,25 @@ class H1Exchange:
             self.body.discard()
         self.conn.exchange_done(self, self.keep_alive and keep_alive, abort)
 
+
+def _request_state(head: RequestHead, client_ip: str, private: bool, cookie_name: bytes) -> RequestState:
+    """What the gate and the access log need of C{head}, read in one pass over its fields: the
+    first Accept and Authorization, every Cookie, the forwarding claims."""
+    accept = authorization = None
+    cookies: list[bytes] = []
+    for name, value in head.fields:
+        lname = name.lower()
+        if lname == b"accept":
+            accept = value if accept is None else accept
+        elif lname == b"authorization":
+            authorization = value if authorization is None else authorization
+        elif lname == b"cookie":
+            cookies.append(value)
+    forwarded_for, forwarded = forwarding_claims(head.fields, head.connection)
+    return RequestState(
+        head.method, head.target, head.host, head.version, client_ip,
+        token=request_token(authorization, cookies, cookie_name) if private else None,
+        accept=accept, declared_length=head.length, forwarded_for=forwarded_for, forwarded=forwarded)
 
 
 __all__ = ["H1Exchange"]

@@ -14,7 +14,7 @@ while the client is not reading, and an idle and a stalled-reader timeout.
 
 from __future__ import annotations
 
-import time
+import functools
 from typing import Any, Callable
 
 import h2.connection
@@ -26,19 +26,17 @@ from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
-from twisted_gateway.http.errors import negotiate, render_error
+from twisted_gateway.http.errors import render_error
 from twisted_gateway.http.framing import authority_host, h2_field_problem, h2_target_problem
 from twisted_gateway.http.h2.flow import (
     CONNECTION_WINDOW, DEFAULT_WINDOW, H2Peer, Pipe, h2_config, h2_settings, protocol_error_kind,
 )
 from twisted_gateway.http.h2.shard import ShardConnection
-from twisted_gateway.http.h2.stream import ShardStream
+from twisted_gateway.http.h2.stream import ClientStream, ShardStream
 from twisted_gateway.http.h2.to_h1 import H1StreamExchange
 from twisted_gateway.http.policy import (
-    Answer, auth_redirect, authorize, forwarding_headers, header_value_ok, rate_limit_wait, refusal,
-    request_token, strip_cookie,
+    Answer, RequestState, access_log, gate, header_value_ok, request_token, strip_cookie,
 )
-from twisted_gateway.limits import retry_after_header
 
 # gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
 _GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 8, 502: 14, 503: 14, 504: 4}
@@ -67,8 +65,8 @@ class H2FrontConnection(H2Peer):
         self.reset_stamp = self.reactor.seconds()
         self.max_pending_control = limits.h2_max_pending_control
         self.pending_control = 0
-        self.to_open: list[tuple[ShardStream, Callable[[], None]]] = []
-        self.exchanges: dict[int, ShardStream] = {}
+        self.to_open: list[tuple[ClientStream, Callable[[], None]]] = []
+        self.exchanges: dict[int, ClientStream] = {}
         self.shard: ShardConnection | None = None
         self.shards: set[ShardConnection] = set()
         self.replay_held = 0
@@ -311,9 +309,24 @@ class H2FrontConnection(H2Peer):
                 self._arm_idle()  # a refused stream is no activity
             return
         authority = authority or (hosts[0] if hosts else b"")
-        exchange_class = ShardStream if self.pool is None else H1StreamExchange
-        exchange = exchange_class(self, stream_id, method, path, accept,
-                                  grpc=(content_type or b"").startswith(b"application/grpc"))
+        declared = int(content_length) if content_length is not None and content_length.isdigit() else None
+        request = RequestState(
+            method, path, authority, "2", self._client_ip(),
+            token=request_token(authorization, cookies, self.ctx.cookie_name) if private else None,
+            accept=accept, declared_length=declared, grpc=(content_type or b"").startswith(b"application/grpc"),
+            forwarded_for=tuple(forwarded_for), forwarded=tuple(forwarded))
+        self._start(stream_id, request, pseudo.get(b":scheme", b"https"), regular, ended)
+
+    def _start(self, stream_id: int, request: RequestState, scheme: bytes, regular: list[tuple[bytes, bytes]],
+               ended: bool) -> None:
+        """A well-formed request: answered here (its authority, CONNECT, the gate), or queued to
+        be sent to the shard once the whole read it came in has been handled."""
+        method, path, authority = request.method, request.target, request.authority
+        exchange: ClientStream
+        if self.pool is None:
+            exchange = shard_stream = ShardStream(self, stream_id, request)
+        else:
+            exchange = h1_stream = H1StreamExchange(self, stream_id, request)
         self.exchanges[stream_id] = exchange
         host = authority_host(authority)
         if host is None or (self.server_name and host != self.server_name):
@@ -326,50 +339,25 @@ class H2FrontConnection(H2Peer):
             self.answer(exchange, Answer(405, ((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),),
                                          ("method_not_allowed", "CONNECT is not proxied to shards")))
             return
-        if method == b"GET" and path.split(b"?", 1)[0] == b"/auth-redirect":
-            self.answer(exchange, auth_redirect(self.ctx, path.decode("latin-1").partition("?")[2],
-                                                self.route.shard.task))
+        verdict = gate(self.ctx, self.route, request)
+        if isinstance(verdict, Answer):
+            self.answer(exchange, verdict)
             return
-        decision = None
-        token = None
-        if private:
-            token = request_token(authorization, cookies, self.ctx.cookie_name)
-            decision = authorize(self.ctx, token, self.route.shard.task)
-            if not decision.allowed:
-                original = f"https://{authority.decode('latin-1')}{path.decode('latin-1')}"
-                wants_html = negotiate(accept) == "html"
-                self.answer(exchange, refusal(self.ctx, decision, method, wants_html, original))
-                return
-        client_ip = self._client_ip()
-        wait = rate_limit_wait(self.ctx, client_ip, decision, lambda: token)
-        if wait:
-            self.answer(exchange, Answer(429, ((b"retry-after", retry_after_header(wait)),),
-                                         ("rate_limited", f"too many requests: retry in {max(1, round(wait))} s")))
-            return
-        limit = self.ctx.max_body(self.route)
-        declared = int(content_length) if content_length is not None and content_length.isdigit() else None
-        if limit and declared is not None and declared > limit:
-            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
-            self.answer(exchange, Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
-            return
-        trusted = self.ctx.trusted(client_ip)
-        forwarding = forwarding_headers(forwarded_for, forwarded, client_ip, authority, trusted=trusted)
         if self.pool is not None:
-            fields = [(b"host", authority)] + regular + forwarding
-            opener: Callable[[], None] = lambda: exchange.begin(fields, declared, ended)  # type: ignore[attr-defined]
+            fields = [(b"host", authority)] + regular + list(verdict.forwarding)
+            opener = functools.partial(h1_stream.begin, fields, request.declared_length, ended)
             self.to_open.append((exchange, opener))
             return
-        out = [(b":method", method), (b":scheme", pseudo.get(b":scheme", b"https")),
-               (b":authority", authority), (b":path", path)]
+        out = [(b":method", method), (b":scheme", scheme), (b":authority", authority), (b":path", path)]
         out += regular
-        out += forwarding
-        exchange.headers_only = ended
-        exchange.request_headers = out
+        out += verdict.forwarding
+        shard_stream.headers_only = ended
+        shard_stream.request_headers = out
 
         def open_on_shard() -> None:
             shard = self.shard_connection()
-            exchange.shard = shard
-            shard.open(exchange, out, end_stream=ended)
+            shard_stream.shard = shard
+            shard.open(shard_stream, out, end_stream=ended)
         self.to_open.append((exchange, open_on_shard))
 
     def _client_ip(self) -> str:
@@ -402,19 +390,19 @@ class H2FrontConnection(H2Peer):
 
     # -- answers -----------------------------------------------------------------------------------
 
-    def answer(self, exchange: ShardStream, answer: Answer) -> None:
+    def answer(self, exchange: ClientStream, answer: Answer) -> None:
         """Answer a stream without the shard: a refusal, a redirect or an upstream failure."""
         if exchange.finished or self.transport is None:
             return
         exchange.response_started = True
-        exchange.status = answer.status
-        metrics.count_request("proxy", answer.status, exchange.method)
+        exchange.request.status = answer.status
+        metrics.count_request("proxy", answer.status, exchange.request.method)
         sid = exchange.client_id
         # No field value the gateway writes holds CR, LF or another control byte.
         headers = [(b":status", str(answer.status).encode())] + [
             (name, value) for name, value in answer.headers if header_value_ok(value)]
         body = b""
-        if exchange.grpc and answer.error is not None:
+        if exchange.request.grpc and answer.error is not None:
             # A gRPC client reads the outcome from grpc-status, in a trailers-only response.
             code, message = answer.error
             headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
@@ -422,7 +410,7 @@ class H2FrontConnection(H2Peer):
                        (b"grpc-message", _grpc_message(f"{message} ({code})"))]
         elif answer.error is not None:
             metrics.HTTP_ERROR_PAGES.labels(code=str(answer.status)).inc()
-            content_type, body = render_error(answer.status, answer.error[0], answer.error[1], exchange.accept)
+            content_type, body = render_error(answer.status, answer.error[0], answer.error[1], exchange.request.accept)
             headers += [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                         (b"cache-control", b"no-store")]
         else:
@@ -448,7 +436,7 @@ class H2FrontConnection(H2Peer):
         except h2.exceptions.ProtocolError:
             pass
 
-    def after_response(self, exchange: ShardStream) -> None:
+    def after_response(self, exchange: ClientStream) -> None:
         """The response is complete but the client is still sending: stop it (NO_ERROR)."""
         sid = exchange.client_id
         pipe = self.pipes.get(sid)
@@ -457,16 +445,9 @@ class H2FrontConnection(H2Peer):
         else:
             pipe.on_done = lambda: self.reset(sid, h2.errors.ErrorCodes.NO_ERROR)
 
-    def exchange_done(self, exchange: ShardStream, outcome: str) -> None:
+    def exchange_done(self, exchange: ClientStream, outcome: str) -> None:
         self.exchanges.pop(exchange.client_id, None)
-        if self.ctx.access_log:
-            self.log.info(
-                "access {client} {method} {path} -> {status} shard={shard} port={port} "
-                "bytes={bytes} duration={duration:.3f}",
-                event_kind="http_access", client=self._client_ip(), method=exchange.method.decode("latin-1"),
-                path=exchange.path.split(b"?", 1)[0].decode("latin-1"), status=exchange.status or outcome,
-                shard=self.route.shard.id, port=self.route.port.port, bytes=exchange.sent,
-                duration=time.monotonic() - exchange.started)
+        access_log(self.log, self.ctx, self.route, exchange.request, outcome)
         if not self.exchanges:
             if self.closing and self.transport is not None:
                 self.flush()
@@ -474,7 +455,6 @@ class H2FrontConnection(H2Peer):
                     self.transport.loseConnection()
             else:
                 self._arm_idle()
-
 
 
 def _grpc_message(text: str) -> bytes:

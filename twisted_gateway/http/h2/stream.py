@@ -1,9 +1,11 @@
 """
-One h2 client stream of an ``h2`` port and the h2c stream to the shard it became: the request
-passed on frame by frame (headers, body, trailers) and the response passed back the same way,
-each body through a L{twisted_gateway.http.h2.flow.Pipe} so that flow control is end to end.
-Until the shard answers, a copy of the request body is kept (bounded) so that a stream the
-shard's GOAWAY shows it never processed can be sent again on a new connection.
+One stream of an h2 client: what the h2 front asks of every stream and the state of its answer
+(L{ClientStream}), and a stream of an ``h2`` port with the h2c stream to the shard it became
+(L{ShardStream}): the request passed on frame by frame (headers, body, trailers) and the
+response passed back the same way, each body through a L{twisted_gateway.http.h2.flow.Pipe} so
+that flow control is end to end.  Until the shard answers, a copy of the request body is kept
+(bounded) so that a stream the shard's GOAWAY shows it never processed can be sent again on a
+new connection.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from twisted.python.failure import Failure
 from twisted_gateway import metrics
 from twisted_gateway.http.h2.flow import Pipe
 from twisted_gateway.http.h2.shard import ShardConnection
-from twisted_gateway.http.policy import Answer
-from twisted_gateway.http.upstream import upstream_failure_answer
+from twisted_gateway.http.policy import RequestState, upstream_failed
 
 if TYPE_CHECKING:
     from twisted_gateway.http.h2.front import H2FrontConnection
@@ -32,18 +33,64 @@ REPLAY_CONNECTION_LIMIT = 256 * 1024
 """The most such copies one client connection may hold in all (beyond it, bodies are not kept)."""
 
 
-class ShardStream:
-    """One client stream and the shard stream it became."""
+class ClientStream:
+    """
+    One stream of an h2 client connection, whatever the shard speaks: the request it carries
+    (L{RequestState}), how far it and its answer have got, and the response timeout.
+    """
 
-    def __init__(self, front: H2FrontConnection, stream_id: int, method: bytes, path: bytes,
-                 accept: bytes | None, grpc: bool) -> None:
+    def __init__(self, front: H2FrontConnection, stream_id: int, request: RequestState) -> None:
         self.front = front
         self.client_id = stream_id
-        self.method, self.path, self.accept, self.grpc = method, path, accept, grpc
+        self.request = request
+        self.response_pipe: Pipe | None = None
+        self.request_ended = False
+        self.response_started = False
+        self.response_ended = False
+        self.finished = False
+        self.timer: Any = None
+
+    def client_data(self, data: bytes, flow_length: int) -> None:
+        """Body bytes of the request (C{flow_length} with padding, to acknowledge)."""
+        raise NotImplementedError
+
+    def client_ended(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """The request ended, with C{trailers} if it had any."""
+        raise NotImplementedError
+
+    def client_reset(self) -> None:
+        """The client reset the stream (or its connection is gone)."""
+        raise NotImplementedError
+
+    def _fail_before_response(self, failure: Failure, timed_out: bool) -> None:
+        self.front.answer(self, upstream_failed(self.front.log, self.front.route, failure, timed_out))
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def _release(self, outcome: str) -> None:
+        """The stream is finished: give back what it holds (windows, the shard's side)."""
+
+    def _done(self, outcome: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timer()
+        self._release(outcome)
+        self.front.exchange_done(self, outcome)
+
+
+class ShardStream(ClientStream):
+    """One client stream of an ``h2`` port and the shard stream it became."""
+
+    def __init__(self, front: H2FrontConnection, stream_id: int, request: RequestState) -> None:
+        super().__init__(front, stream_id, request)
         self.shard: ShardConnection | None = None
         self.shard_id: int | None = None
         self.request_pipe: Pipe | None = None
-        self.response_pipe: Pipe | None = None
         self.held: list[tuple[bytes, int]] = []
         self.held_end: Any = None
         self.headers_only = False
@@ -54,14 +101,6 @@ class ShardStream:
         self.replay_size = 0
         self._skip_acks = 0
         self.end_marker: Any = None
-        self.request_ended = False
-        self.response_started = False
-        self.response_ended = False
-        self.finished = False
-        self.status = 0
-        self.sent = 0
-        self.started = time.monotonic()
-        self.timer: Any = None
 
     # -- from the client -------------------------------------------------------------------------
 
@@ -152,10 +191,10 @@ class ShardStream:
         self.response_started = True
         for name, value in headers:
             if name == b":status":
-                self.status = int(value)
+                self.request.status = int(value)
                 break
-        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.started)
-        metrics.count_request("proxy", self.status, self.method)
+        metrics.UPSTREAM_RESPONSE_SECONDS.observe(time.monotonic() - self.request.started)
+        metrics.count_request("proxy", self.request.status, self.request.method)
         self._drop_replay()  # the shard has it: never sent twice
         front = self.front
         try:
@@ -179,7 +218,7 @@ class ShardStream:
             assert self.shard is not None and self.shard_id is not None
             self.shard.ack(self.shard_id, flow_length)
             return
-        self.sent += len(data)
+        self.request.sent += len(data)
         self.response_pipe.push(data, flow_length)
 
     def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -217,23 +256,7 @@ class ShardStream:
         self._fail_before_response(Failure(ierror.TimeoutError("response timeout")), timed_out=True)
         self.front.flush_both()
 
-    def _fail_before_response(self, failure: Failure, timed_out: bool) -> None:
-        route = self.front.route
-        status, code, message, reason = upstream_failure_answer(failure, route.shard.id, timed_out)
-        if reason in ("timeout", "refused", "unreachable"):
-            metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
-        self.front.log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})",
-                            shard=route.shard.id, address=route.shard.address,
-                            port=route.port.target_port, code=code, error=failure.getErrorMessage())
-        self.front.answer(self, Answer(status, (), (code, message)))
-
     # -- end -----------------------------------------------------------------------------------
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
 
     def _cancel_shard(self) -> None:
         if self.request_pipe is not None:
@@ -241,16 +264,11 @@ class ShardStream:
         if self.shard is not None and not self.response_ended:
             self.shard.cancel(self, self.shard_id)
 
-    def _done(self, outcome: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._cancel_timer()
+    def _release(self, outcome: str) -> None:
         self._drop_replay()
         held, self.held = self.held, []
         for _, flow_length in held:
             self.front.ack(self.client_id, flow_length)
-        self.front.exchange_done(self, outcome)
 
 
-__all__ = ["REPLAY_CONNECTION_LIMIT", "REPLAY_LIMIT", "ShardStream"]
+__all__ = ["REPLAY_CONNECTION_LIMIT", "REPLAY_LIMIT", "ClientStream", "ShardStream"]

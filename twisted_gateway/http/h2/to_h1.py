@@ -13,34 +13,35 @@ client's windows, pausing the shard's socket when they are full.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h2.errors
 import h2.exceptions
 from twisted.internet import error as ierror
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 
 from twisted_gateway import metrics
+from twisted_gateway.http.body import ResponseRelay, StreamingBody, abandon
 from twisted_gateway.http.framing import response_fields_for_client
-from twisted_gateway.http.body import StreamingBody
 from twisted_gateway.http.h2.flow import STREAM_WINDOW, Pipe
-from twisted_gateway.http.h2.stream import ShardStream
-from twisted_gateway.http.policy import Answer
+from twisted_gateway.http.h2.stream import ClientStream
+from twisted_gateway.http.policy import RequestState, body_too_large
+
+if TYPE_CHECKING:
+    from twisted_gateway.http.h2.front import H2FrontConnection
 
 # Fields h2 forbids in a response (RFC 9113 8.2.2), besides those HTTP/1.1 calls hop-by-hop.
 _H2_FORBIDDEN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                            b"upgrade", b"te"})
 
 
-class _Relay(Protocol):
+class _Relay(ResponseRelay):
     """The shard's response body into the client stream's pipe."""
 
     def __init__(self, exchange: H1StreamExchange) -> None:
         self.exchange = exchange
         self.paused = False
-        self.done = False
 
     def makeConnection(self, transport: Any) -> None:
         self.transport = transport
@@ -49,7 +50,7 @@ class _Relay(Protocol):
         pipe = self.exchange.response_pipe
         if self.done or pipe is None or not data:
             return
-        self.exchange.sent += len(data)
+        self.exchange.request.sent += len(data)
         pipe.push(data, len(data))
         if pipe.held > STREAM_WINDOW and not self.paused:
             self.paused = True
@@ -62,26 +63,15 @@ class _Relay(Protocol):
             self.paused = False
             self.transport.resumeProducing()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.done:
-            return
-        self.done = True
-        self.exchange.body_ended(reason is None or bool(reason.check(ResponseDone)))
-
-    def stop(self) -> None:
-        if not self.done:
-            self.done = True
-            if self.transport is not None:
-                self.transport.stopProducing()
+    def body_ended(self, complete: bool) -> None:
+        self.exchange.body_ended(complete)
 
 
-class H1StreamExchange(ShardStream):
-    """One h2 client stream and the HTTP/1.1 request to the shard it became."""
+class H1StreamExchange(ClientStream):
+    """One h2 client stream and the HTTP/1.1 request to the shard it became (never sent twice)."""
 
-    def __init__(self, front: Any, stream_id: int, method: bytes, path: bytes, accept: bytes | None,
-                 grpc: bool) -> None:
-        super().__init__(front, stream_id, method, path, accept, grpc)
-        self.replay_data = None  # requests to HTTP/1.1 shards are never sent twice
+    def __init__(self, front: H2FrontConnection, stream_id: int, request: RequestState) -> None:
+        super().__init__(front, stream_id, request)
         self.fields: list[tuple[bytes, bytes]] = []
         self.length: int | None = None
         self.begun = False
@@ -93,6 +83,8 @@ class H1StreamExchange(ShardStream):
         self.received = 0
         self.deferred: Any = None
         self.relay: _Relay | None = None
+        self.timed = False
+        self.abandoned = False
 
     # -- from the client ---------------------------------------------------------------------------
 
@@ -143,7 +135,7 @@ class H1StreamExchange(ShardStream):
     def _send(self, body: StreamingBody | None) -> None:
         route = self.front.route
         self.deferred = self.front.pool.request(route.shard.address, route.port.target_port,
-                                                self.method, self.path, self.fields, body)
+                                                self.request.method, self.request.target, self.fields, body)
         self.deferred.addCallbacks(self._got_response, self._failed)
         self.deferred.addErrback(lambda f: self.front.log.failure("proxying failed", f))
 
@@ -151,10 +143,9 @@ class H1StreamExchange(ShardStream):
         self.received += len(data)
         limit = self.front.ctx.max_body(self.front.route)
         if limit and self.received > limit:
-            metrics.HTTP_REJECTED.labels(reason="too_large").inc()
             self.front.ack(self.client_id, flow_length)
             self._abandon()
-            self.front.answer(self, Answer(413, (), ("too_large", f"the request body is over {limit} bytes")))
+            self.front.answer(self, body_too_large(limit))
             self.front.flush()
             return
         assert self.body is not None
@@ -191,14 +182,15 @@ class H1StreamExchange(ShardStream):
             response.deliverBody(Protocol())
             return
         code = response.code
-        self.status = code
+        self.request.status = code
         self.response_started = True
-        metrics.count_request("proxy", code, self.method)
+        metrics.count_request("proxy", code, self.request.method)
         headers = [(b":status", b"%d" % code)]
         headers += [(name.lower(), value) for name, value in response_fields_for_client(response.headers.pairs)
                     if name.lower() not in _H2_FORBIDDEN]
-        bodyless = self.method == b"HEAD" or code in (204, 304) or response.length == 0
-        if isinstance(response.length, int) and self.method != b"HEAD" and code not in (204, 304):
+        head = self.request.method == b"HEAD"
+        bodyless = head or code in (204, 304) or response.length == 0
+        if isinstance(response.length, int) and not head and code not in (204, 304):
             headers.append((b"content-length", b"%d" % response.length))
         elif code != 204:
             # HEAD and 304 describe the body they would have had (RFC 9110 8.6).
@@ -252,8 +244,6 @@ class H1StreamExchange(ShardStream):
         self._fail_before_response(failure, timed_out=self.timed)
         self.front.flush()
 
-    timed = False
-
     def _timed_out(self) -> None:
         self.timer = None
         self.timed = True
@@ -264,28 +254,17 @@ class H1StreamExchange(ShardStream):
             self._fail_before_response(Failure(ierror.TimeoutError("response timeout")), timed_out=True)
             self.front.flush()
 
-    abandoned = False
-
     def _abandon(self) -> None:
         self.abandoned = True
-        if self.body is not None:
-            self.body.discard()
-        if self.relay is not None:
-            self.relay.stop()
         d, self.deferred = self.deferred, None
-        if d is not None and not d.called:
-            d.cancel()
+        abandon(self.body, self.relay, d)
 
-    def _cancel_shard(self) -> None:
-        self._abandon()
-
-    def _done(self, outcome: str) -> None:
-        if not self.finished and outcome != "ok":
+    def _release(self, outcome: str) -> None:
+        if outcome != "ok":
             self._abandon()
         early, self.early = self.early, []
         for _, flow_length in early:
             self.front.ack(self.client_id, flow_length)
-        super()._done(outcome)
 
 
 __all__ = ["H1StreamExchange"]
