@@ -207,6 +207,8 @@ class _Response:
 class RecordingUpstream:
     """Writes down each request the shard would get; answers when the test says so."""
 
+    tunnels = True
+
     def __init__(self) -> None:
         self.requests: list[dict] = []
 
@@ -238,7 +240,6 @@ def connection(**limits):
     route = Route(Shard("s1", "tasks/web", "web", "127.0.0.1", (ShardPort(80, "http/1.1", True),)),
                   ShardPort(80, "http/1.1", True))
     conn = H1ProxyConnection(route, ctx, NAME, upstream=upstream, websockets=True)
-    conn.websockets = True
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 4000))
     conn.makeConnection(transport)
     return conn, transport, upstream, reactor
@@ -449,3 +450,33 @@ def test_h2_fields_an_http11_line_cannot_carry(name, value):
     from twisted_gateway.http.framing import h2_field_problem
     assert h2_field_problem(name, value) is not None
     assert h2_field_problem(b"x-ok", b"tab\tok") is None
+
+
+# -- the one upstream interface -------------------------------------------------------------------
+
+def test_both_upstreams_provide_the_upstream_interface():
+    from zope.interface.verify import verifyClass, verifyObject
+
+    from twisted_gateway.http.h1.client import UpstreamResponse
+    from twisted_gateway.http.h1.pool import UpstreamPool
+    from twisted_gateway.http.h2.h1bridge import H2Upstream, _UpstreamResponse
+    from twisted_gateway.http.upstream import IUpstreamResponse
+    reactor = MemoryReactorClock()
+    assert verifyObject(IUpstream, UpstreamPool(reactor, 5.0))
+    assert verifyObject(IUpstream, H2Upstream(reactor, 5.0))
+    assert verifyObject(IUpstream, RecordingUpstream())  # the stand-in these tests use
+    assert verifyClass(IUpstreamResponse, UpstreamResponse) and verifyClass(IUpstreamResponse, _UpstreamResponse)
+
+
+def test_websockets_are_offered_only_through_an_upstream_that_tunnels():
+    from twisted_gateway.http.h2.h1bridge import H2Upstream
+    reactor = MemoryReactorClock()
+    ctx = HTTPRouteContext(reactor, "gw.test", None, 5.0, 30.0, None, "gw", 60)
+    port = ShardPort(80, "h2", True)
+    route = Route(Shard("s1", "tasks/web", "web", "127.0.0.1", (port,)), port)
+    assert H1ProxyConnection(route, ctx, NAME).websockets  # the pool
+    h2c = H2Upstream(reactor, 5.0)
+    assert not H1ProxyConnection(route, ctx, NAME, upstream=h2c).websockets
+    failed: list = []
+    h2c.request("127.0.0.1", 80, b"GET", b"/", [(b"Host", b"x")], upgrade=True).addErrback(failed.append)
+    assert failed and reactor.tcpClients == []  # refused before any connection is made

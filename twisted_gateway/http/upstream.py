@@ -2,8 +2,8 @@
 The one interface the front ends send proxied requests through (L{IUpstream}), implemented by
 the HTTP/1.1 keep-alive pool (L{twisted_gateway.http.h1.pool.UpstreamPool}) and by the h2c
 bridge of an HTTP/1.1 client of an ``h2`` port (L{twisted_gateway.http.h2.h1bridge.H2Upstream}),
-and what crosses it: the response's header fields (L{RawHeaders}) and the failure of a response
-that broke HTTP (L{BadResponse}).
+and what crosses it: the response (L{IUpstreamResponse}), its header fields (L{RawHeaders}) and
+the failure of a response that broke HTTP (L{BadResponse}).
 """
 
 from __future__ import annotations
@@ -11,19 +11,40 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class IUpstream(Interface):
     """Where a front end sends a proxied request: an HTTP/1.1 pool or an h2c connection."""
+
+    tunnels = Attribute("Whether a websocket upgrade (C{upgrade=True}) can be sent: a 101 answer "
+                        "then hands over the connection (L{IUpstreamResponse})")
 
     def request(address: str, port: int, method: bytes, path: bytes,  # type: ignore[misc]
                 headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
         """
         Send a request whose C{headers} carry no framing field (the upstream adds its own from
         C{body}: None for no body, else an IBodyProducer whose C{length} is a number or
-        UNKNOWN_LENGTH).  Fires with a response (C{code}, C{phrase}, C{headers}, C{length},
-        C{deliverBody}); errbacks with ConnectError, ResponseNeverReceived or L{BadResponse}.
+        UNKNOWN_LENGTH).  Fires with an L{IUpstreamResponse}; errbacks with ConnectError,
+        ResponseNeverReceived or L{BadResponse}; cancelling it lets go of the request.
+        C{upgrade} asks the shard to switch to the websocket protocol, only where C{tunnels}.
+        """
+
+
+class IUpstreamResponse(Interface):
+    """A shard's response as an upstream gives it (the part of Agent's IResponse the fronts use)."""
+
+    code = Attribute("The status code")
+    phrase = Attribute("The reason phrase (bytes, possibly empty)")
+    headers = Attribute("The header fields (L{RawHeaders})")
+    length = Attribute("The body's length when the shard declared one, else UNKNOWN_LENGTH")
+
+    def deliverBody(protocol: Any) -> None:  # type: ignore[misc]
+        """
+        Stream the body into C{protocol} (C{makeConnection} with a transport whose
+        pause/resume/stopProducing reach the shard, C{dataReceived}, then C{connectionLost}
+        with ResponseDone, or ResponseFailed when the shard broke off).  After a 101 the
+        response also has C{take_tunnel(protocol)}, which hands the connection over.
         """
 
 
@@ -63,4 +84,4 @@ class RawHeaders:
         return self._fields.items()
 
 
-__all__ = ["BadResponse", "IUpstream", "RawHeaders"]
+__all__ = ["BadResponse", "IUpstream", "IUpstreamResponse", "RawHeaders"]

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from twisted_gateway import metrics
 from twisted_gateway.fastwrite import write_now
 from twisted_gateway.http.h1.parse import needs_length_field
-from twisted_gateway.http.upstream import BadResponse, RawHeaders
+from twisted_gateway.http.upstream import BadResponse, IUpstreamResponse, RawHeaders
 
 if TYPE_CHECKING:
     from twisted_gateway.http.h1.pool import UpstreamPool
@@ -42,8 +42,9 @@ MAX_HEAD = 64 * 1024
 """The largest response head read from a shard (and bound on a trailer or chunk line)."""
 
 
+@implementer(IUpstreamResponse)
 class UpstreamResponse:
-    """What the proxy needs of a response (the subset of Agent's IResponse it uses)."""
+    """A response read from a shard's HTTP/1.1 connection."""
 
     def __init__(self, conn: UpstreamConnection, code: int, phrase: bytes, headers: RawHeaders,
                  length: Any) -> None:

@@ -34,6 +34,7 @@ from twisted_gateway.http.framing import REASONS
 from twisted_gateway.http.h1.exchange import H1Exchange
 from twisted_gateway.http.h1.parse import END, RequestHead, RequestReader, Rejected, Stopped
 from twisted_gateway.http.policy import Answer, access_log
+from twisted_gateway.http.upstream import IUpstream
 from twisted_gateway.splice import Splice, UpstreamSide
 
 
@@ -43,14 +44,15 @@ class H1ProxyConnection(Protocol):
 
     log = Logger()
 
-    def __init__(self, route: Route, ctx: HTTPRouteContext, server_name: str, upstream: Any = None,
+    def __init__(self, route: Route, ctx: HTTPRouteContext, server_name: str, upstream: IUpstream | None = None,
                  websockets: bool = True) -> None:
         self.route = route
         self.ctx = ctx
         self.reactor = ctx.reactor
         self.server_name = server_name
-        self.upstream = upstream if upstream is not None else ctx.upstream
-        self.websockets = websockets and upstream is None
+        self.upstream: IUpstream = upstream if upstream is not None else ctx.upstream
+        """Where requests go: the shared HTTP/1.1 pool, or an h2c bridge on an ``h2`` port."""
+        self.websockets = websockets and self.upstream.tunnels
         limits = ctx.limits
         self.reader = RequestReader(server_name, limits.max_header_bytes, limits.max_headers)
         self.events: deque[Any] = deque()

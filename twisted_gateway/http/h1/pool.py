@@ -45,6 +45,9 @@ class _Factory(ClientFactory):
 class UpstreamPool:
     """Idle keep-alive connections per (address, port); new ones are made on demand."""
 
+    tunnels = True
+    """A websocket upgrade gets a connection of its own, handed over after a 101."""
+
     def __init__(self, reactor: Any, connect_timeout: float, max_idle: int = 64) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout

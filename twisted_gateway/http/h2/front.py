@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
+from twisted_gateway.http.context import HTTPRouteContext
 from twisted_gateway.http.errors import render_error
 from twisted_gateway.http.framing import authority_host, h2_field_problem, h2_target_problem
 from twisted_gateway.http.h2.flow import (
@@ -37,6 +38,7 @@ from twisted_gateway.http.h2.to_h1 import H1StreamExchange
 from twisted_gateway.http.policy import (
     Answer, RequestState, access_log, gate, header_value_ok, request_token, strip_cookie,
 )
+from twisted_gateway.http.upstream import IUpstream
 
 # gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
 _GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 8, 502: 14, 503: 14, 504: 4}
@@ -47,8 +49,8 @@ class H2FrontConnection(H2Peer):
 
     log = Logger()
 
-    def __init__(self, route: Route, ctx: Any, max_header_bytes: int, idle_timeout: float,
-                 server_name: str | None = None, pool: Any = None) -> None:
+    def __init__(self, route: Route, ctx: HTTPRouteContext, max_header_bytes: int, idle_timeout: float,
+                 server_name: str | None = None, pool: IUpstream | None = None) -> None:
         super().__init__()
         self.route = route
         self.ctx = ctx
@@ -57,7 +59,7 @@ class H2FrontConnection(H2Peer):
         self.idle_timeout = idle_timeout
         self.server_name = (server_name or "").lower().rstrip(".").encode()
         self.pool = pool
-        """The HTTP/1.1 pool for an ``http/1.1`` port; None: the shard speaks h2c."""
+        """The upstream of an ``http/1.1`` port (the HTTP/1.1 pool); None: the shard speaks h2c."""
         limits = ctx.limits
         self.reset_rate = float(limits.h2_reset_rate)
         self.reset_burst = float(limits.h2_reset_burst)
@@ -326,7 +328,7 @@ class H2FrontConnection(H2Peer):
         if self.pool is None:
             exchange = shard_stream = ShardStream(self, stream_id, request)
         else:
-            exchange = h1_stream = H1StreamExchange(self, stream_id, request)
+            exchange = h1_stream = H1StreamExchange(self, stream_id, request, self.pool)
         self.exchanges[stream_id] = exchange
         host = authority_host(authority)
         if host is None or (self.server_name and host != self.server_name):

@@ -10,18 +10,20 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import implementer
 
 from twisted_gateway.http.h2.flow import STREAM_WINDOW, Pipe
 from twisted_gateway.http.h2.shard import ShardConnection
-from twisted_gateway.http.upstream import RawHeaders
+from twisted_gateway.http.upstream import IUpstream, IUpstreamResponse, RawHeaders
 
 
+@implementer(IUpstreamResponse)
 class _UpstreamResponse:
-    """What the HTTP/1.1 front needs of a response (as the HTTP/1.1 pool's responses give it)."""
+    """The shard's response on a stream, as the HTTP/1.1 front reads a response."""
 
     def __init__(self, stream: _UpstreamStream, code: int, headers: RawHeaders, length: Any) -> None:
         self._stream = stream
@@ -202,11 +204,15 @@ class _StreamTransport:
         self._stream.cancel()
 
 
+@implementer(IUpstream)
 class H2Upstream:
     """
     The shard side of an HTTP/1.1 client connection to an ``h2`` port: its requests become
-    streams on one h2c connection (the C{request} of L{twisted_gateway.http.upstream.UpstreamPool}).
+    streams on one h2c connection, closed with the client's connection (L{close}).
     """
+
+    tunnels = False
+    """Websockets over h2 (RFC 8441 extended CONNECT) are not offered."""
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
         self.reactor = reactor
@@ -215,6 +221,8 @@ class H2Upstream:
 
     def request(self, address: str, port: int, method: bytes, path: bytes,
                 headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
+        if upgrade:
+            return fail(ValueError("an h2c shard connection cannot carry a websocket upgrade"))
         shard = self._connection(address, port)
         authority = b""
         fields = []
@@ -228,6 +236,7 @@ class H2Upstream:
         out += fields
         if body is not None and body.length is not UNKNOWN_LENGTH:
             out.append((b"content-length", str(body.length).encode()))
+
         def reopen(stream: _UpstreamStream) -> ShardConnection:
             again = self._connection(address, port)
             again.open(stream, out, end_stream=True)

@@ -27,6 +27,7 @@ from twisted_gateway.http.framing import response_fields_for_client
 from twisted_gateway.http.h2.flow import STREAM_WINDOW, Pipe
 from twisted_gateway.http.h2.stream import ClientStream
 from twisted_gateway.http.policy import RequestState, body_too_large
+from twisted_gateway.http.upstream import IUpstream
 
 if TYPE_CHECKING:
     from twisted_gateway.http.h2.front import H2FrontConnection
@@ -70,8 +71,10 @@ class _Relay(ResponseRelay):
 class H1StreamExchange(ClientStream):
     """One h2 client stream and the HTTP/1.1 request to the shard it became (never sent twice)."""
 
-    def __init__(self, front: H2FrontConnection, stream_id: int, request: RequestState) -> None:
+    def __init__(self, front: H2FrontConnection, stream_id: int, request: RequestState,
+                 upstream: IUpstream) -> None:
         super().__init__(front, stream_id, request)
+        self.upstream = upstream
         self.fields: list[tuple[bytes, bytes]] = []
         self.length: int | None = None
         self.begun = False
@@ -134,8 +137,8 @@ class H1StreamExchange(ClientStream):
 
     def _send(self, body: StreamingBody | None) -> None:
         route = self.front.route
-        self.deferred = self.front.pool.request(route.shard.address, route.port.target_port,
-                                                self.request.method, self.request.target, self.fields, body)
+        self.deferred = self.upstream.request(route.shard.address, route.port.target_port,
+                                              self.request.method, self.request.target, self.fields, body)
         self.deferred.addCallbacks(self._got_response, self._failed)
         self.deferred.addErrback(lambda f: self.front.log.failure("proxying failed", f))
 
