@@ -293,14 +293,6 @@ _AMBIGUOUS = {"_conn", "_channel", "_path", "_version", "socket", "offset"}
 _WAITING_FOR_OWNERS = {
     ("twisted_gateway/frontdoor.py", "_channel"),
     ("twisted_gateway/frontdoor.py", "_tryToWriteControlData"),
-    ("twisted_gateway/workers.py", "_shouldShutdown"),
-    ("twisted_gateway/workers.py", "_asyncioEventloop"),
-    ("twisted_gateway/workers.py", "_factory"),
-    ("twisted_gateway/gateway.py", "_exitSignal"),
-    ("twisted_gateway/reactors.py", "_asyncioEventloop"),
-    ("twisted_gateway/proxyheader.py", "twisted.protocols.haproxy._exceptions"),
-    ("twisted_gateway/proxyheader.py", "twisted.protocols.haproxy._v1parser"),
-    ("twisted_gateway/proxyheader.py", "twisted.protocols.haproxy._v2parser"),
 }
 
 

@@ -139,8 +139,6 @@ def test_two_workers_merge_by_meaning_and_counters_survive_a_restart(start_gatew
     assert_no_counter_fell(before, scrape(gw))
 
 
-@pytest.mark.xfail(strict=True, reason="needs gateway.py to apply the metrics section "
-                                       "(metrics.configure_routes): see issue 11 item 8")
 def test_per_route_series_with_two_workers_are_capped(start_gateway, echo_upstream):
     labels = ("alpha", "beta", "gamma")
     gw = start_gateway([shard(label, label, 9000, echo_upstream.port) for label in labels], workers=2,

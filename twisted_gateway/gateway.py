@@ -20,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from twisted_gateway import logs, metrics
+from twisted_gateway._compat import exit_signal, forget_exit_signal
 from twisted_gateway.config import ConfigError, load_config
 from twisted_gateway.http.auth import verifier_from_config
 from twisted_gateway.limits import Admission, parse_networks
@@ -40,6 +41,7 @@ from twisted_gateway.tls.acme.responders import HTTP01Responder, TLSALPN01Respon
 from twisted_gateway.tls.acme.shared import ChallengeBoard
 from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
+from twisted_gateway.workers import worker_index
 
 
 class ListenerService(Service):
@@ -47,11 +49,13 @@ class ListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, name: str, reactor: Any, description: str, factory: Any) -> None:
+    def __init__(self, name: str, reactor: Any, description: str, factory: Any,
+                 announce: bool = True) -> None:
         self.name = name
         self.reactor = reactor
         self.description = description
         self.factory = factory
+        self.announce = announce
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -67,10 +71,16 @@ class ListenerService(Service):
             sys.stderr.write(message + "\n")
             raise SystemExit(1)
         self.port = results[0]
+        if not self.announce:
+            return  # a worker's: the supervisor announced the shared socket; the other is private
         host = self.port.getHost()
-        self.log.info("{listener} listener on {host}:{port}", listener=self.name,
-                      host=getattr(host, "host", "?"), port=getattr(host, "port", "?"),
-                      event_kind="listening")
+        if hasattr(host, "port"):
+            self.log.info("{listener} listener on {host}:{port}", listener=self.name,
+                          host=host.host, port=host.port, event_kind="listening")
+        else:  # a UNIX socket
+            path = host.name.decode() if isinstance(host.name, bytes) else str(host.name)
+            self.log.info("{listener} listener on unix:{path}", listener=self.name, path=path,
+                          event_kind="listening")
 
     def startService(self) -> None:
         if self.port is None:
@@ -108,8 +118,8 @@ def install_stop_handler(reactor: Any) -> None:
 def exit_cleanly_after_drain(reactor: Any) -> None:
     """A SIGTERM that ends in a completed drain is a clean stop: exit 0 rather than let twistd
     re-raise the signal against itself (which exits with -15)."""
-    if getattr(reactor, "_exitSignal", None) == getattr(signal, "SIGTERM", None):
-        reactor._exitSignal = None
+    if exit_signal(reactor) == getattr(signal, "SIGTERM", None):
+        forget_exit_signal(reactor)
 
 
 def release_startup_memory() -> None:
@@ -214,10 +224,15 @@ class Gateway:
         else:
             from twisted_gateway.demo import DemoService
             self.services.append(DemoService(reactor, self.directory, self.hostname))
-        self.tls_listener = ListenerService("tls", reactor, config.listen.tls, self.tls_factory)
+        # A supervised worker's listeners are the supervisor's socket and a private admin socket:
+        # the supervisor announces what clients use.
+        announce = worker_index() is None
+        metrics.configure_routes(config.metrics.per_route, config.metrics.max_routes)
+        self.tls_listener = ListenerService("tls", reactor, config.listen.tls, self.tls_factory,
+                                            announce=announce)
         self.admin = AdminApp(self.readiness, self.http01)
         self.plain_listener = ListenerService("plain", reactor, config.listen.plain,
-                                              quiet_site(self.admin.resource()))
+                                              quiet_site(self.admin.resource()), announce=announce)
         self.verifier = verifier
         if verifier is not None and verifier.jwks is not None:
             self.services.append(verifier.jwks)
@@ -284,7 +299,8 @@ class Gateway:
         return (not reasons, detail)
 
     def service(self) -> GatewayService:
-        self.observer = logs.make_observer(self.config.log.format, self.config.log.level)
+        self.observer = logs.make_observer(self.config.log.format, self.config.log.level,
+                                           worker=worker_index())
         root = GatewayService(self.observer, self)
         self.root = root
         for s in self.services:
@@ -372,10 +388,11 @@ class Gateway:
         self.config = new
         if self.directory_provider is not None and new.directory.file is not None:
             self.directory_provider.path = new.directory.file
-            self.directory_provider.interval = new.directory.poll_interval
+            self.directory_provider.set_interval(new.directory.poll_interval)
         if self.static_source is not None and new.tls.certificate and new.tls.private_key:
             self.static_source.cert_path = new.tls.certificate
             self.static_source.key_path = new.tls.private_key
+            self.static_source.set_interval(new.tls.reload_interval)
         self._replace_key_fetcher(verifier)
         self.verifier = verifier
         self.api.verifier = verifier
@@ -386,19 +403,21 @@ class Gateway:
                                      verifier=verifier, api_site=self.api_site, tls_alpn=self.tls_alpn,
                                      acme=self.acme, previous=self.runtime)
         self.tls_factory.runtime = self.runtime
+        metrics.configure_routes(new.metrics.per_route, new.metrics.max_routes)
         logs.set_level(self.observer, new.log.level)
         self.log.info("configuration reloaded from {source}", source=new.source)
 
     def _replace_key_fetcher(self, verifier: TokenVerifier | None) -> None:
         """
         A reload's new verifier brings its own JWKS fetcher: start it in the service tree and
-        stop the old one.  The same URL keeps the keys already fetched (so /readyz stays 200);
-        the same URL and interval keeps the running fetcher itself.
+        stop the old one.  The new fetcher starts with the keys already fetched, which stay in
+        force until its first answer replaces them (so /readyz stays 200 and tokens keep
+        working across the change); the same URL and interval keeps the running fetcher itself.
         """
         old = self.verifier.jwks if self.verifier is not None else None
         new = verifier.jwks if verifier is not None else None
-        if old is not None and new is not None and old.url == new.url:
-            if old.refresh == new.refresh:
+        if old is not None and new is not None:
+            if old.url == new.url and old.refresh == new.refresh:
                 assert verifier is not None
                 verifier.jwks = old
                 return
@@ -409,6 +428,6 @@ class Gateway:
             new.setServiceParent(self.root)
 
     def started(self) -> None:
-        if self.local_ca is not None:
+        if self.local_ca is not None and worker_index() is None:  # else the supervisor said it
             self.log.info("local development CA: {path} (curl --cacert {path})",
                           path=os.path.abspath(self.local_ca.cert_path))

@@ -59,7 +59,9 @@ class TextObserver:
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
-        self.out.write(f"{stamp}Z {level.name:<5} [{event.get('log_namespace', '-')}] {_message(event)}\n")
+        worker = event.get("worker")
+        tag = f" worker={worker}" if worker is not None else ""
+        self.out.write(f"{stamp}Z {level.name:<5} [{event.get('log_namespace', '-')}]{tag} {_message(event)}\n")
         self.out.flush()
 
 
@@ -110,11 +112,41 @@ def _drop_chatter(event: dict[str, Any]) -> PredicateResult:
     return PredicateResult.no if is_twisted_chatter(event) else PredicateResult.maybe
 
 
-def make_observer(fmt: str, level: str, out: IO[str] | None = None) -> ILogObserver:
+# twistd's lines about itself (its banner at start, its goodbye at stop): a supervised worker
+# leaves them to the supervisor, which prints them once.
+_TWISTD_FORMATS = frozenset({"twistd {version} ({exe} {pyVersion}) starting up.",
+                             "reactor class: {reactor}.", "Main loop terminated.",
+                             "Server Shut Down."})
+
+
+def _drop_twistd_lines(event: dict[str, Any]) -> PredicateResult:
+    return PredicateResult.no if event.get("log_format") in _TWISTD_FORMATS else PredicateResult.maybe
+
+
+@implementer(ILogObserver)
+class _WorkerField:
+    """Every event of a supervised worker process carries its index as C{worker}."""
+
+    def __init__(self, observer: ILogObserver, index: int) -> None:
+        self.observer = observer
+        self.index = index
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.observer({**event, "worker": self.index})
+
+
+def make_observer(fmt: str, level: str, out: IO[str] | None = None,
+                  worker: int | None = None) -> ILogObserver:
+    """The gateway's observer; C{worker}: the index of a supervised worker process, whose lines
+    then carry it and which leaves twistd's own lines to the supervisor."""
     out = out or sys.stdout
-    base = JSONObserver(out) if fmt == "json" else TextObserver(out)
+    base: ILogObserver = JSONObserver(out) if fmt == "json" else TextObserver(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    observer = FilteringLogObserver(base, [predicate, _drop_chatter])
+    predicates = [predicate, _drop_chatter]
+    if worker is not None:
+        base = _WorkerField(base, worker)
+        predicates.append(_drop_twistd_lines)
+    observer = FilteringLogObserver(base, predicates)
     observer.level_predicate = predicate  # type: ignore[attr-defined]
     return observer
 

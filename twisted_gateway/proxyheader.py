@@ -11,9 +11,7 @@ import ipaddress
 import struct
 
 import attrs
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted_gateway._compat import InvalidProxyHeader, V1Parser, V2Parser
 
 V2_SIGNATURE = V2Parser.PREFIX
 V1_PREFIX = b"PROXY "

@@ -23,7 +23,8 @@ def reactor_args(reactor: Any) -> list[str]:
     """The twistd ``-r`` option that installs a reactor like C{reactor} (for worker processes)."""
     if type(reactor).__name__ != "AsyncioSelectorReactor":
         return []
-    loop = getattr(reactor, "_asyncioEventloop", None)
+    from twisted_gateway._compat import asyncio_event_loop
+    loop = asyncio_event_loop(reactor)
     return ["-r", "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"]
 
 

@@ -30,6 +30,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from twisted_gateway._compat import close_shared_listener
 from twisted_gateway import logs, metrics
 from twisted_gateway.admin import AdminApp, Readiness
 from twisted_gateway.reactors import reactor_args
@@ -299,7 +300,8 @@ class Supervisor(Service):
         unnoticed: look for exited workers twice a second as well (a non-blocking waitpid per
         worker).
         """
-        if getattr(self.reactor, "_asyncioEventloop", None) is not None:
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+        if isinstance(self.reactor, AsyncioSelectorReactor):
             from twisted.internet.process import reapAllProcesses
             self._reaper = LoopingCall(reapAllProcesses)
             self._reaper.clock = self.reactor
@@ -356,8 +358,7 @@ class Supervisor(Service):
             # Close, never shut down: shutdown() acts on the socket every worker shares and
             # would stop it listening under workers still accepting (their accept() then
             # fails with EINVAL). Twisted skips it for adopted sockets; this one is ours.
-            self.tls_port._shouldShutdown = False
-            self.tls_port.stopListening()
+            close_shared_listener(self.tls_port)
         waits = [w.ended for w in self.workers.values()]
         for w in list(self.workers.values()):
             try:
@@ -398,7 +399,6 @@ class Supervisor(Service):
         from twisted.web.client import HTTPConnectionPool
         paths = {f"worker{i}".encode(): self.admin_socket(i) for i in self.workers}
         pool = HTTPConnectionPool(self.reactor, persistent=False)
-        pool._factory.noisy = False  # type: ignore[attr-defined]
         return Agent.usingEndpointFactory(self.reactor, _UnixEndpoints(self.reactor, paths), pool=pool)
 
     def fetch_all(self, path: str) -> Deferred:
