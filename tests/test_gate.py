@@ -293,6 +293,24 @@ def test_a_declared_body_over_the_limit_is_413_before_the_shard(kind: str) -> No
     assert json.loads(body)["message"] == "the request body is over 10 bytes"
 
 
+@pytest.mark.parametrize("kind", ["h1", "h2-to-h1"])
+def test_a_body_growing_over_the_limit_is_413_and_its_request_is_let_go(kind: str) -> None:
+    front = Front(kind, context(limits={"max_body_bytes": 10}))
+    if kind == "h1":
+        front.conn.dataReceived(b"POST /up HTTP/1.1\r\nHost: web-80.gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"14\r\n" + b"x" * 20 + b"\r\n0\r\n\r\n")
+    else:
+        # Headers, DATA and END_STREAM in one read.
+        front.client.send_headers(1, [(b":method", b"POST"), (b":scheme", b"https"),
+                                      (b":authority", NAME.encode()), (b":path", b"/up")])
+        front.client.send_data(1, b"x" * 20, end_stream=True)
+        front.conn.dataReceived(front.client.data_to_send())
+    assert front.answer()[0] == 413
+    # One request reached the shard, and it was let go: never sent again without its body.
+    [request] = front.upstream.requests
+    assert request["d"].called and not request["done"]
+
+
 # -- upstream failures, answers from the shard, the access log ------------------------------------------
 
 @pytest.mark.parametrize("kind", FRONTS)

@@ -101,8 +101,13 @@ class H1StreamExchange(ClientStream):
         if length is not None or early:
             self._send_with_body()
             for data, flow_length in early:
-                self._body_data(data, flow_length)
-        if self.early_end:
+                if self.finished:
+                    self.front.ack(self.client_id, flow_length)  # refused (413): its window back
+                else:
+                    self._body_data(data, flow_length)
+        # A body refused on the way (413) ends the exchange: the request is never sent again,
+        # as a request without a body, in its place.
+        if self.early_end and not self.finished:
             self._request_end()
 
     def client_data(self, data: bytes, flow_length: int) -> None:
