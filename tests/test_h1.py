@@ -401,6 +401,27 @@ def test_empty_lines_do_not_keep_a_connection_open():
     assert transport.disconnecting
 
 
+def test_an_answer_of_the_gateways_own_keeps_a_bodyless_request_alive():
+    conn, transport, upstream, _ = connection()
+    conn.dataReceived(b"GET /auth-redirect?orig_url=https%3A%2F%2Fevil.example%2F HTTP/1.1\r\nHost: web-80.gw.test\r\n\r\n"
+                      b"GET /next HTTP/1.1\r\nHost: web-80.gw.test\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ") and b"Connection: close" not in transport.value()
+    assert not transport.disconnecting and [r["path"] for r in upstream.requests] == [b"/next"]
+    upstream.answer(0)
+    assert transport.value().count(b"HTTP/1.1 200 ") == 1 and not transport.disconnecting
+
+
+def test_an_answer_of_the_gateways_own_still_closes_when_a_body_or_a_switch_is_unread():
+    conn, transport, upstream, _ = connection(max_body_bytes=3)
+    conn.dataReceived(b"POST / HTTP/1.1\r\nHost: web-80.gw.test\r\nContent-Length: 5\r\n\r\nhello")
+    assert b"HTTP/1.1 413 " in transport.value() and b"Connection: close" in transport.value()
+    assert transport.disconnecting
+    conn, transport, upstream, _ = connection()
+    conn.dataReceived(b"GET /auth-redirect HTTP/1.1\r\nHost: web-80.gw.test\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\n\r\nGET /next HTTP/1.1\r\n")
+    assert b"HTTP/1.1 400 " in transport.value() and transport.disconnecting and upstream.requests == []
+
+
 class _Pool:
     def release(self, conn):
         self.released = conn

@@ -228,11 +228,16 @@ class H1Exchange:
             return
         self.response_started = True
         self.request.status = answer.status
-        if not self.request_done:
+        if not self.request_done and not self._read_whole():
             self.keep_alive = False  # its body is not read: the connection cannot carry another
         self.conn.write_answer(answer, self.request.method, self.request.accept, self.request.version,
                                self.keep_alive)
         self.finish("answered")
+
+    def _read_whole(self) -> bool:
+        """Whether the request was read whole with its head: it has no body, and the reader did
+        not stop after it (a protocol switch, or a rejection, leaves what follows unread)."""
+        return self.head.body == "none" and not self.conn.reader.done
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
