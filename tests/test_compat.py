@@ -290,10 +290,7 @@ _LIBRARIES = ("twisted", "OpenSSL", "cryptography")
 _AMBIGUOUS = {"_conn", "_channel", "_path", "_version", "socket", "offset"}
 # Uses in modules whose owners have yet to switch them to _compat (issue 11); remove each
 # entry with the change.  Anything not listed fails the test.
-_WAITING_FOR_OWNERS = {
-    ("twisted_gateway/frontdoor.py", "_channel"),
-    ("twisted_gateway/frontdoor.py", "_tryToWriteControlData"),
-}
+_WAITING_FOR_OWNERS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _private_attributes() -> set[str]:

@@ -293,6 +293,16 @@ def test_a_declared_body_over_the_limit_is_413_before_the_shard(kind: str) -> No
     assert json.loads(body)["message"] == "the request body is over 10 bytes"
 
 
+def test_an_h2_port_limits_a_body_without_a_declared_length_too() -> None:
+    """limits.max_body_bytes holds for h2 shards (gRPC client streams included)."""
+    front = Front("h2-to-h2c", context(limits={"max_body_bytes": 10}))
+    front.client.send_headers(1, [(b":method", b"POST"), (b":scheme", b"https"),
+                                  (b":authority", NAME.encode()), (b":path", b"/up")])
+    front.client.send_data(1, b"x" * 20, end_stream=True)
+    front.conn.dataReceived(front.client.data_to_send())
+    assert front.answer()[0] == 413
+
+
 @pytest.mark.parametrize("kind", ["h1", "h2-to-h1"])
 def test_a_body_growing_over_the_limit_is_413_and_its_request_is_let_go(kind: str) -> None:
     front = Front(kind, context(limits={"max_body_bytes": 10}))

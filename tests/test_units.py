@@ -525,9 +525,15 @@ def test_h2_replay_copies_are_bounded_per_stream_and_connection():
     from twisted_gateway.http.h2.stream import ShardStream
     from twisted_gateway.http.policy import RequestState
 
+    class NoBodyLimit:
+        def max_body(self, route):
+            return 0
+
     class Front:
         replay_held = 0
         acked: list[int] = []
+        ctx = NoBodyLimit()
+        route = None
 
         def ack(self, stream_id, size):
             self.acked.append(size)

@@ -25,6 +25,7 @@ from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
 from twisted_gateway import clienthello as ch
+from twisted_gateway._compat import h2_send_control, http_channel
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import task_covered
@@ -260,7 +261,7 @@ class FrontDoor(Protocol):
         limits = self.runtime.config.limits
         site.timeOut = limits.http_idle_timeout
         proto = site.buildProtocol(self._client_address or self.transport.getPeer())
-        channel = getattr(proto, "_channel", None)
+        channel = http_channel(proto)
         if channel is not None:
             channel.totalHeadersSize = limits.max_header_bytes
             channel.maxHeaders = limits.max_headers
@@ -301,7 +302,7 @@ class FrontDoor(Protocol):
         if isinstance(proto, (H2FrontConnection, H1ProxyConnection)):
             proto.drain()
             return
-        channel = getattr(proto, "_channel", None)
+        channel = http_channel(proto)
         if isinstance(channel, HTTPChannel):
             channel.persistent = False
             if not channel.requests:
@@ -309,7 +310,7 @@ class FrontDoor(Protocol):
         elif channel is not None and hasattr(channel, "conn"):
             # h2: GOAWAY, so the client opens no new streams; close once none is left.
             channel.conn.close_connection()
-            channel._tryToWriteControlData()
+            h2_send_control(channel)
             if not channel.streams:
                 tls.loseConnection()
 

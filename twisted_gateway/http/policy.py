@@ -456,8 +456,11 @@ def upstream_failed(log: Logger, route: Route, failure: Failure, timed_out: bool
     return Answer(status, (), (code, message))
 
 
-def access_log(log: Logger, ctx: HTTPRouteContext, route: Route, request: RequestState, outcome: str) -> None:
-    """The access-log line of a finished request (C{outcome} stands in for a status it never got)."""
+def access_log(log: Logger, ctx: HTTPRouteContext, route: Route, request: RequestState, outcome: str,
+               received: int = 0) -> None:
+    """The access-log line of a finished request (C{outcome} stands in for a status it never got),
+    and its bytes in the per-route series (C{received}: request body bytes taken from the client)."""
+    metrics.count_route(route, up=received, down=request.sent)
     if not ctx.access_log:
         return
     log.info(

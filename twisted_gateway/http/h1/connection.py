@@ -77,6 +77,7 @@ class H1ProxyConnection(Protocol):
     # -- connection ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        metrics.count_route(self.route, connections=1)
         peer = self.transport.getPeer()
         self.client_ip = str(getattr(peer, "host", "?"))
         # The client's socket tells this connection when its buffer is full (IPushProducer):
@@ -414,7 +415,7 @@ class H1ProxyConnection(Protocol):
         self._start_rate_check()
 
     def _access_log(self, exchange: H1Exchange, outcome: str) -> None:
-        access_log(self.log, self.ctx, self.route, exchange.request, outcome)
+        access_log(self.log, self.ctx, self.route, exchange.request, outcome, exchange.received)
 
 
 __all__ = ["H1ProxyConnection"]

@@ -39,9 +39,10 @@ from twisted_gateway.http.policy import (
     Answer, RequestState, access_log, gate, header_value_ok, request_token, strip_cookie,
 )
 from twisted_gateway.http.upstream import IUpstream
+from twisted_gateway.limits import TokenBucket
 
 # gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
-_GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 8, 502: 14, 503: 14, 504: 4}
+_GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 413: 8, 429: 8, 502: 14, 503: 14, 504: 4}
 
 
 class H2FrontConnection(H2Peer):
@@ -61,10 +62,7 @@ class H2FrontConnection(H2Peer):
         self.pool = pool
         """The upstream of an ``http/1.1`` port (the HTTP/1.1 pool); None: the shard speaks h2c."""
         limits = ctx.limits
-        self.reset_rate = float(limits.h2_reset_rate)
-        self.reset_burst = float(limits.h2_reset_burst)
-        self.reset_tokens = self.reset_burst
-        self.reset_stamp = self.reactor.seconds()
+        self.resets = TokenBucket(float(limits.h2_reset_rate), float(limits.h2_reset_burst), self.reactor.seconds)
         self.max_pending_control = limits.h2_max_pending_control
         self.pending_control = 0
         self.to_open: list[tuple[ClientStream, Callable[[], None]]] = []
@@ -81,6 +79,7 @@ class H2FrontConnection(H2Peer):
     # -- connection ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        metrics.count_route(self.route, connections=1)
         self.h2 = h2.connection.H2Connection(h2_config(client_side=False))
         self.h2.local_settings = h2_settings(False, self.max_header_bytes)
         # Initial settings never go through h2's settings-acknowledged path, which is where it
@@ -151,14 +150,8 @@ class H2FrontConnection(H2Peer):
         self.flush_both()
 
     def _take_reset(self) -> bool:
-        """Spend one reset of the client's budget (a token bucket); False when none is left."""
-        now = self.reactor.seconds()
-        self.reset_tokens = min(self.reset_burst, self.reset_tokens + (now - self.reset_stamp) * self.reset_rate)
-        self.reset_stamp = now
-        if self.reset_tokens < 1:
-            return False
-        self.reset_tokens -= 1
-        return True
+        """Spend one reset of the client's budget; False when none is left."""
+        return self.resets.take()
 
     def _count_control(self) -> bool:
         """A PING or SETTINGS that h2 acknowledges: bounded while the client reads nothing."""
@@ -449,7 +442,7 @@ class H2FrontConnection(H2Peer):
 
     def exchange_done(self, exchange: ClientStream, outcome: str) -> None:
         self.exchanges.pop(exchange.client_id, None)
-        access_log(self.log, self.ctx, self.route, exchange.request, outcome)
+        access_log(self.log, self.ctx, self.route, exchange.request, outcome, exchange.received)
         if not self.exchanges:
             if self.closing and self.transport is not None:
                 self.flush()

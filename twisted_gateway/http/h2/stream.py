@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted_gateway import metrics
 from twisted_gateway.http.h2.flow import Pipe
 from twisted_gateway.http.h2.shard import ShardConnection
-from twisted_gateway.http.policy import RequestState, upstream_failed
+from twisted_gateway.http.policy import RequestState, body_too_large, upstream_failed
 
 if TYPE_CHECKING:
     from twisted_gateway.http.h2.front import H2FrontConnection
@@ -43,6 +43,8 @@ class ClientStream:
         self.front = front
         self.client_id = stream_id
         self.request = request
+        self.received = 0
+        """Request body bytes taken from the client."""
         self.response_pipe: Pipe | None = None
         self.request_ended = False
         self.response_started = False
@@ -99,12 +101,29 @@ class ShardStream(ClientStream):
         self.replay_data: list[bytes] | None = []
         """The body so far, while it fits in L{REPLAY_LIMIT} and no response has begun."""
         self.replay_size = 0
+        self.received = 0
         self._skip_acks = 0
         self.end_marker: Any = None
 
     # -- from the client -------------------------------------------------------------------------
 
     def client_data(self, data: bytes, flow_length: int) -> None:
+        self.received += len(data)
+        limit = self.front.ctx.max_body(self.front.route)
+        if limit and self.received > limit and not self.finished:
+            # limits.max_body_bytes holds on h2 ports too (a gRPC client stream included: a
+            # port whose calls stream without end sets its own max_body_bytes: 0).
+            self.front.ack(self.client_id, flow_length)
+            if self.response_started:
+                self.front.reset(self.client_id, h2.errors.ErrorCodes.CANCEL)
+                if self.response_pipe is not None:
+                    self.response_pipe.abandon()
+                self._cancel_shard()
+                self._done("too_large")
+            else:
+                self._cancel_shard()
+                self.front.answer(self, body_too_large(limit))
+            return
         if self.replay_data is not None:
             if self.replay_size + len(data) > REPLAY_LIMIT or \
                     self.front.replay_held + len(data) > REPLAY_CONNECTION_LIMIT:
