@@ -118,7 +118,7 @@ class _StandInSocket:
 def _tcp_connection() -> Any:
     # A tcp.Connection over a stand-in socket: FileDescriptor.__init__ sets the queue's
     # instance attributes, which the class alone does not show.
-    return tcp.Connection(_StandInSocket(), None, _StandInReactor())  # type: ignore[arg-type]
+    return tcp.Connection(_StandInSocket(), None, _StandInReactor())  # type: ignore[arg-type]  # stand-ins
 
 
 _WITHOUT_FAST_WRITE = ("every relayed write waits for the reactor's next pass (transport.write), "
@@ -423,7 +423,7 @@ PROXY_PARSERS = _probe(
 if PROXY_PARSERS:
     InvalidProxyHeader, V1Parser, V2Parser = _haproxy_parsers()
 else:  # pragma: no cover - only with a Twisted that moved its haproxy parsers
-    class InvalidProxyHeader(Exception):  # type: ignore[no-redef]
+    class InvalidProxyHeader(Exception):  # type: ignore[no-redef]  # the fallback of the import above
         """A PROXY header that cannot be parsed here."""
 
     class _NoProxyParser:

@@ -68,7 +68,7 @@ class AdminApp:
         return b"ok\n"
 
     @app.route("/readyz", methods=["GET", "HEAD"])
-    def readyz(self, request: Any) -> Deferred:
+    def readyz(self, request: Any) -> Deferred[bytes]:
         def answer(result: Readiness) -> bytes:
             ready, detail = result
             request.setResponseCode(200 if ready else 503)
@@ -78,7 +78,7 @@ class AdminApp:
         return cast("Deferred[Readiness]", maybeDeferred(self.readiness)).addCallback(answer)
 
     @app.route("/metrics", methods=["GET"])
-    def metrics_page(self, request: Any) -> Deferred:
+    def metrics_page(self, request: Any) -> Deferred[bytes]:
         def answer(body: bytes) -> bytes:
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return body

@@ -190,9 +190,10 @@ def parse_client_hello_body(body: bytes) -> ClientHello | HelloError:
                 raise _Malformed(f"duplicate extension {ext_type}")
             seen.add(ext_type)
             if ext_type == EXT_SERVER_NAME:
-                server_name = _parse_server_name(ext)
-                if isinstance(server_name, HelloError):
-                    return server_name
+                parsed = _parse_server_name(ext)
+                if isinstance(parsed, HelloError):
+                    return parsed
+                server_name = parsed
             elif ext_type == EXT_ALPN:
                 alpn = _parse_alpn(ext)
             elif ext_type == EXT_SUPPORTED_VERSIONS:
@@ -208,7 +209,7 @@ def parse_client_hello_body(body: bytes) -> ClientHello | HelloError:
 _NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-.ABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 
 
-def _parse_server_name(ext: _Cursor) -> str | None | HelloError:  # type: ignore[return]
+def _parse_server_name(ext: _Cursor) -> str | None | HelloError:
     names = ext.vector(2, "server_name_list")
     host_name: str | None = None
     while names.remaining:

@@ -362,9 +362,9 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
         section, _, key = dotted.rpartition(".")
         where = f"--{dotted.replace('.', '-').replace('_', '-')}"
         cls = _SECTIONS[section] if section else GatewayConfig
-        f = attrs.fields_dict(cls)[key]
+        field = attrs.fields_dict(cls)[key]
         try:
-            checked = f.metadata["check"](value)
+            checked = field.metadata["check"](value)
         except ValueError as e:
             raise ConfigError("command line", where, str(e)) from None
         if section:

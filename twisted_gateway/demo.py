@@ -22,6 +22,7 @@ from twisted_gateway.directory.model import DirectorySnapshot, Shard, ShardPort
 
 class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self.transport.write(data)
 
 
@@ -49,7 +50,7 @@ class DemoService(Service):
         echo_port = self.reactor.listenTCP(0, echo_factory, interface="127.0.0.1")
         site = Site(Hello())
         site.noisy = False
-        site.log = lambda request: None  # type: ignore[method-assign]
+        site.log = lambda request: None  # type: ignore[method-assign]  # no access log line per request
         web_port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
         self._ports = [echo_port, web_port]
         shard = Shard(

@@ -13,15 +13,16 @@ extra Python call per chunk.  Each connection keeps the L{Runtime} it was accept
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Callable
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.server import Site
 from zope.interface import implementer
 
 from twisted_gateway import clienthello as ch
@@ -33,6 +34,7 @@ from twisted_gateway.http.alpn import H2PortProtocol
 from twisted_gateway.http.h1.connection import H1ProxyConnection
 from twisted_gateway.http.h2.front import H2FrontConnection
 from twisted_gateway.http.h2.h1bridge import H2Upstream
+from twisted_gateway.interfaces import IStreamTransport
 from twisted_gateway.limits import in_networks
 from twisted_gateway.proxyheader import (
     ProxyHeaderError, ProxyHeaderReader, build_v2, looks_like_proxy_header,
@@ -42,7 +44,7 @@ from twisted_gateway.routing import (
     TLSPassthrough, decide,
 )
 from twisted_gateway.runtime import Runtime
-from twisted_gateway.splice import Splice
+from twisted_gateway.splice import Splice, _ClientSide
 from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.tls.contexts import ALPN_FOR_PROTOCOL, client_certificate_prefixes
 
@@ -65,6 +67,7 @@ class ConnectionTracker:
 @implementer(IHalfCloseableProtocol)
 class FrontDoor(Protocol):
     log = Logger()
+    transport: IStreamTransport  # the TCP connection from the listener, never cleared
 
     def __init__(self, runtime: Runtime, tracker: ConnectionTracker) -> None:
         self.runtime = runtime
@@ -76,15 +79,16 @@ class FrontDoor(Protocol):
         self.splice: Splice | None = None
         self._tls: TLSServerConnection | None = None
         self._reader: ch.ClientHelloReader | None = None
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._timed_out = False
         self._closed = False
         self._admitted = False
         self._proxy_reader: ProxyHeaderReader | None = None
-        self._client_address: Any = None
+        self._client_address: IPv4Address | IPv6Address | None = None
+        """The client's address when it came in a PROXY header, else None (the TCP peer)."""
         self._reader_bytes = b""
-        self._passthrough: Any = None
-        self.http_protocol: Any = None
+        self._passthrough: _ClientSide | None = None
+        self.http_protocol: IProtocol | None = None
 
     # -- before TLS ------------------------------------------------------------------------
 
@@ -146,16 +150,16 @@ class FrontDoor(Protocol):
         reader = self._reader
         if reader is None:
             return  # already refused; ignore what is still in flight
-        result = reader.feed(data)
-        if result is ch.NEED_MORE:
+        hello = reader.feed(data)
+        if hello is ch.NEED_MORE:
             return
-        if isinstance(result, ch.HelloError):
+        if isinstance(hello, ch.HelloError):
             self._reader_bytes = reader.buffered[:16]
             self._reader = None
-            self._refuse_hello(result)
+            self._refuse_hello(hello)
             return
-        assert isinstance(result, ch.ClientHello)
-        self._route(result)
+        assert isinstance(hello, ch.ClientHello)
+        self._route(hello)
 
     def _refuse_hello(self, err: ch.HelloError) -> None:
         if err.reason == "not_tls" and looks_like_proxy_header(self._reader_bytes):
@@ -196,7 +200,7 @@ class FrontDoor(Protocol):
         if isinstance(decision, Refuse):
             self._refuse(name, decision)
         elif isinstance(decision, AcmeChallenge):
-            self._answer_tls_alpn_challenge(decision.context)  # type: ignore[arg-type]
+            self._answer_tls_alpn_challenge(decision.context)
         elif isinstance(decision, GatewayApi):
             self.outcome = "api"
             self._start_tls(name, _HTTP_ALPN, self._http_protocol(self.runtime.api_site))
@@ -241,7 +245,7 @@ class FrontDoor(Protocol):
         splice = self._splice(decision.route, decision.send_proxy, first=reader.buffered)
         self.splice = splice
         self._passthrough = splice.client
-        self.dataReceived = splice.client.dataReceived  # type: ignore[method-assign]
+        self.dataReceived = splice.client.dataReceived  # type: ignore[method-assign]  # on purpose (module docstring)
         splice.client.makeConnection(self.transport)
 
     def _refuse(self, name: str, refusal: Refuse) -> None:
@@ -256,7 +260,7 @@ class FrontDoor(Protocol):
         site = self.runtime.error_site(refusal.http_status, refusal.reason, refusal.detail)
         self._start_tls(name, _HTTP_ALPN, self._http_protocol(site))
 
-    def _http_protocol(self, site: Any) -> Any:
+    def _http_protocol(self, site: Site) -> IProtocol:
         """An HTTP channel for C{site} with the configured limits."""
         limits = self.runtime.config.limits
         site.timeOut = limits.http_idle_timeout
@@ -268,7 +272,7 @@ class FrontDoor(Protocol):
         self.http_protocol = proto
         return proto
 
-    def _chosen(self, proto: Any) -> None:
+    def _chosen(self, proto: IProtocol) -> None:
         self.http_protocol = proto
 
     def _http_port_protocol(self, route: Route, name: str) -> H2PortProtocol:
@@ -328,10 +332,10 @@ class FrontDoor(Protocol):
         tls = TLSServerConnection(self.transport, SSL.Connection(ctx, None), _CloseAfterHandshake(),
                                   self._handshake_completed, self._handshake_failed)
         self._tls = tls
-        self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]
+        self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]  # on purpose (module docstring)
         tls.start(reader.buffered)
 
-    def _start_tls(self, name: str, protocols: tuple[bytes, ...], handler: Any,
+    def _start_tls(self, name: str, protocols: tuple[bytes, ...], handler: IProtocol,
                    client_auth_task: str | None = None) -> None:
         acme = self.runtime.acme
         if acme is not None and acme.config.on_demand_wait > 0 and not acme.issued(name):
@@ -343,7 +347,7 @@ class FrontDoor(Protocol):
                 # arrives or the bound passes; then serve whatever is in force.
                 self.transport.pauseProducing()
 
-                def resume(_: Any) -> None:
+                def resume(_: object) -> None:
                     if self._closed:
                         return
                     self.transport.resumeProducing()
@@ -352,7 +356,7 @@ class FrontDoor(Protocol):
                 return
         self._start_tls_now(name, protocols, handler, client_auth_task)
 
-    def _start_tls_now(self, name: str, protocols: tuple[bytes, ...], handler: Any,
+    def _start_tls_now(self, name: str, protocols: tuple[bytes, ...], handler: IProtocol,
                        client_auth_task: str | None = None) -> None:
         ctx = self.runtime.contexts.context_for(name, protocols, client_auth_task is not None)
         if ctx is None:
@@ -368,11 +372,12 @@ class FrontDoor(Protocol):
                                   self._handshake_completed, self._handshake_failed)
         tls.peer = self._client_address
         self._tls = tls
-        self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]
+        self.dataReceived = tls.raw_data_received  # type: ignore[method-assign]  # on purpose (module docstring)
         tls.start(reader.buffered)
 
-    def _client_certificate_check(self, task: str) -> Any:
-        def verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    def _client_certificate_check(
+            self, task: str) -> Callable[[SSL.Connection, crypto.X509, int, int, int], bool]:
+        def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
             if not ok:
                 metrics.AUTH_DECISIONS.labels(outcome="bad_client_certificate").inc()
                 return False
@@ -434,7 +439,7 @@ class FrontDoor(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
         self._cancel_timer()
         self.tracker.connections.discard(self)
@@ -471,6 +476,8 @@ class FrontDoor(Protocol):
 class _CloseAfterHandshake(Protocol):
     """The handler of a TLS-ALPN-01 validation connection: the handshake is the answer."""
 
+    transport: IStreamTransport
+
     def connectionMade(self) -> None:
         self.transport.loseConnection()
 
@@ -479,14 +486,14 @@ class FrontDoorFactory(Factory):
     """Builds front doors with the Runtime in force: a reload swaps L{runtime}, the one
     reference, and connections already open keep theirs."""
 
-    protocol = FrontDoor  # type: ignore[assignment]
+    protocol = FrontDoor
     noisy = False
 
     def __init__(self, runtime: Runtime, tracker: ConnectionTracker) -> None:
         self.runtime = runtime
         self.tracker = tracker
 
-    def buildProtocol(self, addr: Any) -> FrontDoor:
+    def buildProtocol(self, addr: IAddress | None) -> FrontDoor:
         return FrontDoor(self.runtime, self.tracker)
 
 

@@ -10,7 +10,7 @@ import gc
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -43,6 +43,9 @@ from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
 from twisted_gateway.workers import worker_index
 
+if TYPE_CHECKING:
+    from twisted_gateway.tls.acme.manager import AcmeCertificateSource
+
 
 class ListenerService(Service):
     """Listen on an endpoint description in privilegedStartService; record the bound address."""
@@ -51,7 +54,7 @@ class ListenerService(Service):
 
     def __init__(self, name: str, reactor: Any, description: str, factory: Any,
                  announce: bool = True) -> None:
-        self.name = name
+        self.setName(name)
         self.reactor = reactor
         self.description = description
         self.factory = factory
@@ -204,7 +207,7 @@ class Gateway:
         board = ChallengeBoard(config.state_dir) if config.acme.enabled else None
         self.http01 = HTTP01Responder(board)
         self.tls_alpn = TLSALPN01Responder(board)
-        self.acme: Any = None
+        self.acme: AcmeCertificateSource | None = None
         if config.acme.enabled:
             self.acme = self._make_acme(source)
             self.services.append(self.acme)
@@ -309,7 +312,7 @@ class Gateway:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def drain(self) -> Deferred:
+    def drain(self) -> Deferred[None]:
         """
         Stop accepting, let open connections finish for up to limits.drain_timeout seconds
         (HTTP keep-alive ends after the request in progress), then close what is left.
@@ -323,7 +326,7 @@ class Gateway:
         stopping = self.tls_listener.stopService()
         for conn in list(self.connections):
             conn.drain()
-        done: Deferred = Deferred()
+        done: Deferred[None] = Deferred()
 
         def check() -> None:
             if not self.connections:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
+
+if TYPE_CHECKING:
+    from twisted_gateway.config import LimitsConfig, ProxyProtocolConfig
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -170,20 +173,20 @@ class ConnectionCounter:
 class Admission:
     """The gateway's admission state, rebuilt from configuration (the counters carry over)."""
 
-    def __init__(self, limits: object, proxy_protocol: object, clock: Callable[[], float],
+    def __init__(self, limits: LimitsConfig, proxy_protocol: ProxyProtocolConfig, clock: Callable[[], float],
                  counter: ConnectionCounter | None = None) -> None:
         self.limits = limits
-        self.filter = IPFilter(parse_networks(limits.allow), parse_networks(limits.deny))  # type: ignore[attr-defined]
-        self.trusted_proxies = parse_networks(proxy_protocol.trusted)  # type: ignore[attr-defined]
+        self.filter = IPFilter(parse_networks(limits.allow), parse_networks(limits.deny))
+        self.trusted_proxies = parse_networks(proxy_protocol.trusted)
         self.counter = counter or ConnectionCounter(0, 0)
-        self.counter.max_total = limits.max_connections  # type: ignore[attr-defined]
-        self.counter.max_per_ip = limits.max_connections_per_ip  # type: ignore[attr-defined]
+        self.counter.max_total = limits.max_connections
+        self.counter.max_per_ip = limits.max_connections_per_ip
 
         def limiter(rate: float, burst: float) -> RateLimiter:
             return RateLimiter(rate, burst or 2 * rate, clock)
-        self.connection_rate = limiter(limits.connection_rate_per_ip, limits.connection_burst_per_ip)  # type: ignore[attr-defined]
-        self.request_rate_ip = limiter(limits.request_rate_per_ip, limits.request_burst)  # type: ignore[attr-defined]
-        self.request_rate_token = limiter(limits.request_rate_per_token, limits.request_burst)  # type: ignore[attr-defined]
+        self.connection_rate = limiter(limits.connection_rate_per_ip, limits.connection_burst_per_ip)
+        self.request_rate_ip = limiter(limits.request_rate_per_ip, limits.request_burst)
+        self.request_rate_token = limiter(limits.request_rate_per_token, limits.request_burst)
 
     def admit(self, ip: str) -> str | None:
         """Count a new connection from C{ip} in, or return why it is refused."""

@@ -15,11 +15,11 @@ import json
 import re
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import (
-    FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, PredicateResult,
-    formatEvent,
+    FilteringLogObserver, ILogFilterPredicate, ILogObserver, LogLevel, LogLevelFilterPredicate,
+    PredicateResult, formatEvent,
 )
 from twisted.application.service import MultiService
 from zope.interface import implementer
@@ -142,12 +142,13 @@ def make_observer(fmt: str, level: str, out: IO[str] | None = None,
     out = out or sys.stdout
     base: ILogObserver = JSONObserver(out) if fmt == "json" else TextObserver(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    predicates = [predicate, _drop_chatter]
+    # A plain function is a predicate too (FilteringLogObserver calls each one).
+    predicates: list[ILogFilterPredicate] = [predicate, cast(ILogFilterPredicate, _drop_chatter)]
     if worker is not None:
         base = _WorkerField(base, worker)
-        predicates.append(_drop_twistd_lines)
+        predicates.append(cast(ILogFilterPredicate, _drop_twistd_lines))
     observer = FilteringLogObserver(base, predicates)
-    observer.level_predicate = predicate  # type: ignore[attr-defined]
+    observer.level_predicate = predicate  # type: ignore[attr-defined]  # read back by set_level
     return observer
 
 

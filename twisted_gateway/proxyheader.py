@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Any, Callable
 
 import attrs
 from twisted_gateway._compat import InvalidProxyHeader, V1Parser, V2Parser
@@ -66,7 +67,7 @@ class ProxyHeaderReader:
         raise ProxyHeaderError("no PROXY protocol header")
 
     @staticmethod
-    def _parse(parse, header: bytes, rest: bytes) -> tuple[ProxiedAddress, bytes]:
+    def _parse(parse: Callable[[bytes], Any], header: bytes, rest: bytes) -> tuple[ProxiedAddress, bytes]:
         try:
             info = parse(header)
         except (InvalidProxyHeader, ValueError, struct.error, IndexError) as e:

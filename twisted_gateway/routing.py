@@ -8,7 +8,7 @@ decision out.  Every branch is unit-tested in memory (tests/test_routing.py).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import attrs
 
@@ -17,6 +17,9 @@ from twisted_gateway.directory.model import DirectorySnapshot, Refusal, Route, S
 from twisted_gateway.limits import IPFilter
 from twisted_gateway.names import Foreign, GatewayHost, ShardName, parse_name
 from twisted_gateway.tls.acme import ACME_TLS_ALPN
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 HTTP_ALPN = (b"h2", b"http/1.1")
 
@@ -29,7 +32,7 @@ class RoutingPolicy:
     client_ca: bool
     """Whether tcp.client_ca is set (a client certificate can open a private tcp port)."""
     port_filter: Callable[[ShardPort], Optional[IPFilter]]
-    acme_challenge: Callable[[str], object]
+    acme_challenge: Callable[[str], Optional[SSL.Context]]
     """The TLS context answering a pending TLS-ALPN-01 challenge for a name, or None."""
 
 
@@ -48,7 +51,7 @@ class Refuse:
 class AcmeChallenge:
     """Answer the CA's TLS-ALPN-01 validation handshake with this context (RFC 8737 3)."""
 
-    context: object
+    context: SSL.Context
 
 
 @attrs.frozen

@@ -10,7 +10,7 @@ is carried from one Runtime to the next; settings are never mutated in place.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
@@ -24,6 +24,13 @@ from twisted_gateway.http.h1.pool import UpstreamPool
 from twisted_gateway.limits import Admission, IPFilter, parse_networks
 from twisted_gateway.routing import RoutingPolicy
 from twisted_gateway.tls.contexts import ContextCache
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
+
+    from twisted_gateway.http.api import APISite
+    from twisted_gateway.tls.acme.manager import AcmeCertificateSource
+    from twisted_gateway.tls.acme.responders import TLSALPN01Responder
 
 
 class PortFilters:
@@ -53,10 +60,10 @@ class Runtime:
     admission: Admission
     contexts: ContextCache
     http: HTTPRouteContext
-    api_site: Any
-    tls_alpn: Any
-    """The TLS-ALPN-01 responder (L{twisted_gateway.tls.acme.responders.TLSALPN01Responder})."""
-    acme: Any
+    api_site: APISite
+    tls_alpn: TLSALPN01Responder
+    """The TLS-ALPN-01 responder."""
+    acme: AcmeCertificateSource | None
     """The ACME certificate source, or None."""
     policy: RoutingPolicy
     port_filter: Callable[[ShardPort], IPFilter | None]
@@ -66,7 +73,7 @@ class Runtime:
     def hostname(self) -> str:
         return self.config.hostname
 
-    def error_site(self, status: int, code: str, message: str) -> Any:
+    def error_site(self, status: int, code: str, message: str) -> Site:
         return error_site(status, code, message)
 
 
@@ -84,8 +91,9 @@ def http_context(config: GatewayConfig, reactor: Any, verifier: TokenVerifier | 
 
 
 def build_runtime(config: GatewayConfig, reactor: Any, *, directory: ShardDirectory,
-                  contexts: ContextCache, verifier: TokenVerifier | None, api_site: Any,
-                  tls_alpn: Any, acme: Any, previous: Runtime | None = None) -> Runtime:
+                  contexts: ContextCache, verifier: TokenVerifier | None, api_site: APISite,
+                  tls_alpn: TLSALPN01Responder, acme: AcmeCertificateSource | None,
+                  previous: Runtime | None = None) -> Runtime:
     """A Runtime for C{config}; with C{previous}, the state that outlives a reload is carried."""
     counter = previous.admission.counter if previous is not None else None
     admission = Admission(config.limits, config.proxy_protocol, reactor.seconds, counter=counter)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet import error
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IConnector, IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,6 +26,7 @@ from zope.interface import implementer
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
 from twisted_gateway.fastwrite import write_now
+from twisted_gateway.interfaces import IStreamTransport
 
 _ACTIVE: set[Splice] = set()
 _SOCKET_BUFFER = 256 * 1024
@@ -53,6 +54,8 @@ def _connect_failure_reason(reason: Failure) -> str:
 class _ClientSide(Protocol):
     """The application protocol on the client's TLS connection."""
 
+    transport: IStreamTransport
+
     def __init__(self, splice: Splice) -> None:
         self.splice = splice
 
@@ -68,7 +71,7 @@ class _ClientSide(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: object = error.ConnectionDone()) -> None:
         self.splice.client_lost(reason)
 
 
@@ -76,6 +79,8 @@ class _ClientSide(Protocol):
 class UpstreamSide(Protocol):
     """The protocol on the shard's connection (also given to a shard connection that an HTTP
     upgrade turned into a tunnel)."""
+
+    transport: IStreamTransport
 
     def __init__(self, splice: Splice) -> None:
         self.splice = splice
@@ -92,7 +97,7 @@ class UpstreamSide(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: object = error.ConnectionDone()) -> None:
         self.splice.upstream_lost(reason)
 
 
@@ -123,9 +128,9 @@ class Splice:
         self.idle_timeout = idle_timeout
         self.on_upstream_failed = on_upstream_failed
         self.client = _ClientSide(self)
-        self.client_transport: Any = None
-        self.upstream_transport: Any = None
-        self._connector: Any = None
+        self.client_transport: IStreamTransport | None = None
+        self.upstream_transport: IStreamTransport | None = None
+        self._connector: IConnector | None = None
         # Bytes the upstream gets before anything from the client (a replayed HTTP request head).
         self._pending: list[bytes] = [preamble] if preamble else []
         self._pending_down: list[bytes] = []
@@ -136,7 +141,7 @@ class Splice:
         self.bytes_down = 0
         self._flushed_up = 0
         self._flushed_down = 0
-        self._idle_call: Any = None
+        self._idle_call: IDelayedCall | None = None
         self._idle_mark = (0, 0)
         self._last_active = 0.0
         self.failure_reason: str | None = None
@@ -162,7 +167,7 @@ class Splice:
         _ACTIVE.add(self)
         self._started = self.reactor.seconds()
 
-    def client_connected(self, transport: Any) -> None:
+    def client_connected(self, transport: IStreamTransport) -> None:
         self.client_transport = transport
         if self._done:
             transport.loseConnection()
@@ -173,7 +178,7 @@ class Splice:
         else:
             self._wire()
 
-    def upstream_connected(self, transport: Any) -> None:
+    def upstream_connected(self, transport: IStreamTransport) -> None:
         metrics.UPSTREAM_CONNECT_SECONDS.observe(self.reactor.seconds() - self._started)
         self._connector = None
         self.upstream_transport = transport
@@ -191,6 +196,7 @@ class Splice:
 
     def _wire(self) -> None:
         client, upstream = self.client_transport, self.upstream_transport
+        assert client is not None and upstream is not None  # wired once both are connected
         # Larger socket reads for bulk streams (fewer reactor rounds per MiB); also the write
         # buffer size above which the other side is paused.
         for t in (upstream, getattr(client, "transport", None)):
@@ -247,14 +253,15 @@ class Splice:
         if self._client_eof and self._upstream_eof:
             self._finish()
 
-    def client_lost(self, reason: Failure) -> None:
+    def client_lost(self, reason: object) -> None:
+        """The client's connection is gone; the splice ends the same way whatever C{reason} is."""
         self.client_transport = None
         if self._connector is not None:
             self._connector.stopConnecting()
             self._connector = None
         self._finish()
 
-    def upstream_lost(self, reason: Failure) -> None:
+    def upstream_lost(self, reason: object) -> None:
         self.upstream_transport = None
         self._finish()
 

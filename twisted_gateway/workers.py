@@ -27,7 +27,7 @@ from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from twisted_gateway._compat import close_shared_listener
@@ -193,7 +193,7 @@ class MetricsMerger:
                     value = self._created[key] if key in self._created else totals.get(key, 0.0)
                     family.add_sample(key[0], dict(key[1]), value)
             families.append(family)
-        return generate_latest(_Families(families))  # type: ignore[arg-type]
+        return generate_latest(_Families(families))
 
 
 class _Families:
@@ -376,7 +376,7 @@ class Supervisor(Service):
 
     # -- what the admin app shows ----------------------------------------------------------------
 
-    def readiness(self) -> Deferred:
+    def readiness(self) -> Deferred[Readiness]:
         """Ready when every worker is (and the supervisor is not stopping)."""
         def decide(results: list[tuple[_Worker, int, bytes]]) -> Readiness:
             ready = sum(1 for _, code, _ in results if code == 200)
@@ -387,7 +387,7 @@ class Supervisor(Service):
                                   "restarts": self.restarts})
         return self.fetch_all("/readyz").addCallback(decide)
 
-    def metrics(self) -> Deferred:
+    def metrics(self) -> Deferred[bytes]:
         """Every worker's series merged by meaning, then the supervisor's own."""
         def merge(results: list[tuple[_Worker, int, bytes]]) -> bytes:
             # The merger leaves out the answer of a worker that ended while it was asked.
@@ -401,14 +401,15 @@ class Supervisor(Service):
         pool = HTTPConnectionPool(self.reactor, persistent=False)
         return Agent.usingEndpointFactory(self.reactor, _UnixEndpoints(self.reactor, paths), pool=pool)
 
-    def fetch_all(self, path: str) -> Deferred:
+    def fetch_all(self, path: str) -> Deferred[list[tuple[_Worker, int, bytes]]]:
         """Ask every live worker for C{path}: a list of (worker, status, body), status 0 for a
         worker that did not answer within a few seconds."""
         agent = self._agent()
 
-        def one(worker: _Worker) -> Deferred:
-            d = agent.request(b"GET", f"http://worker{worker.index}{path}".encode())
-            d.addCallback(lambda r: readBody(r).addCallback(lambda body: (worker, r.code, body)))
+        def one(worker: _Worker) -> Deferred[tuple[_Worker, int, bytes]]:
+            def read(r: IResponse) -> Deferred[tuple[_Worker, int, bytes]]:
+                return readBody(r).addCallback(lambda body: (worker, r.code, body))
+            d = agent.request(b"GET", f"http://worker{worker.index}{path}".encode()).addCallback(read)
             d.addTimeout(_SCRAPE_TIMEOUT, self.reactor)
             d.addErrback(lambda f: (worker, 0, f.getErrorMessage().encode()))
             return d

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_gateway.http.h2.h1bridge import H2Upstream
+from twisted_gateway.interfaces import IStreamTransport
 
 
 @implementer(IHalfCloseableProtocol)
@@ -24,6 +25,8 @@ class H2PortProtocol(Protocol):
     connection's L{H2Upstream}, whose shard connection closes with the client's; on an
     ``http/1.1`` port it is None (the shared pool serves).
     """
+
+    transport: IStreamTransport  # the client's TLS connection
 
     def __init__(self, make_h2: Callable[[], Protocol],
                  make_h1: Callable[[H2Upstream | None], Protocol], upstream: H2Upstream | None,
@@ -54,7 +57,7 @@ class H2PortProtocol(Protocol):
         if IHalfCloseableProtocol.providedBy(self.inner):
             self.inner.writeConnectionLost()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self._upstream is not None:
             self._upstream.close()
         if self.inner is not None:

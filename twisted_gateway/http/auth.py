@@ -10,7 +10,7 @@ task-name prefixes the holder may reach.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import attrs
 import jwt
@@ -22,6 +22,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
+
+if TYPE_CHECKING:
+    from jwt.types import Options
 
 
 @attrs.frozen
@@ -143,6 +146,8 @@ class TokenVerifier:
                  issuer: str | None = None, audience: str | None = None,
                  leeway: float = 30.0, jwks: JWKSKeys | None = None) -> None:
         self.jwks = jwks
+        self._key: str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None
+        """The shared secret or public key; None with a JWKS, whose keys are looked up per token."""
         if jwks is not None:
             if secret is not None or public_key_pem is not None:
                 raise ValueError("configure exactly one of a shared secret, a public key or a JWKS URL")
@@ -151,7 +156,7 @@ class TokenVerifier:
         elif (secret is None) == (public_key_pem is None):
             raise ValueError("configure exactly one of a shared secret or a public key")
         elif secret is not None:
-            self._key: Any = secret
+            self._key = secret
             self.algorithms = ["HS256"]
         else:
             assert public_key_pem is not None
@@ -168,7 +173,7 @@ class TokenVerifier:
         self.leeway = leeway
 
     def verify(self, token: str) -> AuthDecision:
-        options = {"require": ["exp", "iat"], "verify_aud": self.audience is not None}
+        options: Options = {"require": ["exp", "iat"], "verify_aud": self.audience is not None}
         key, algorithms = self._key, self.algorithms
         if self.jwks is not None:
             try:
@@ -180,6 +185,7 @@ class TokenVerifier:
                 return AuthDecision("bad_signature", 401, f"the token's key id {kid!r} is not known (yet)")
             key, algorithm = found
             algorithms = [algorithm]
+        assert key is not None  # the configured secret or public key, or the JWKS key found
         try:
             claims = jwt.decode(token, key, algorithms=algorithms, options=options,
                                 leeway=self.leeway, issuer=self.issuer, audience=self.audience)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -36,7 +37,7 @@ class StreamingBody:
         self._paused = False
         self._finished = False
         self._discarding = False
-        self._done: Deferred | None = None
+        self._done: Deferred[None] | None = None
 
     def write(self, data: bytes) -> None:
         if self._discarding:
@@ -63,7 +64,7 @@ class StreamingBody:
             self._paused = False
             self._resume()
 
-    def startProducing(self, consumer: Any) -> Deferred:
+    def startProducing(self, consumer: Any) -> Deferred[None]:
         self._consumer = consumer
         held, self._held = self._held, []
         for chunk in held:
@@ -102,11 +103,12 @@ class ResponseRelay(Protocol):
     """
 
     done = False
+    transport: IPushProducer | None  # type: ignore[assignment]  # deliverBody gives a producer, not an ITransport
 
     def body_ended(self, complete: bool) -> None:
         raise NotImplementedError
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.done:
             return
         self.done = True
@@ -119,7 +121,7 @@ class ResponseRelay(Protocol):
                 self.transport.stopProducing()
 
 
-def abandon(body: StreamingBody | None, relay: ResponseRelay | None, deferred: Deferred | None) -> None:
+def abandon(body: StreamingBody | None, relay: ResponseRelay | None, deferred: Deferred[Any] | None) -> None:
     """Let go of a request in flight: the rest of its body is swallowed, its response relay
     stopped and its Deferred cancelled (which makes the upstream drop its connection)."""
     if body is not None:

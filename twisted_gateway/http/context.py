@@ -6,12 +6,16 @@ URL and auth cookie, the limits, the trusted proxies, and the HTTP/1.1 pool to t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.h1.pool import UpstreamPool
 from twisted_gateway.limits import in_networks, parse_networks
+
+if TYPE_CHECKING:
+    from twisted_gateway.config import LimitsConfig
+    from twisted_gateway.limits import Admission
 
 
 class HTTPRouteContext:
@@ -20,7 +24,7 @@ class HTTPRouteContext:
     def __init__(self, reactor: Any, hostname: str, verifier: TokenVerifier | None,
                  connect_timeout: float, response_timeout: float, signin_url: str | None,
                  cookie_name: str, cookie_max_age: int, pool_size: int = 64,
-                 limits: Any = None, trusted_proxies: tuple[str, ...] = (),
+                 limits: LimitsConfig | None = None, trusted_proxies: tuple[str, ...] = (),
                  tunnel_idle_timeout: float = 3600.0, upstream: UpstreamPool | None = None) -> None:
         from twisted_gateway.config import LimitsConfig
         self.reactor = reactor
@@ -35,7 +39,7 @@ class HTTPRouteContext:
         self.trusted_networks = parse_networks(trusted_proxies)
         self.tunnel_idle_timeout = tunnel_idle_timeout
         # Set by the gateway: the admission state in force (rate limits), swapped on reload.
-        self.admission: Any = None
+        self.admission: Callable[[], Admission] | None = None
         self.access_log = True
         self.upstream = upstream if upstream is not None else UpstreamPool(reactor, connect_timeout, pool_size)
 

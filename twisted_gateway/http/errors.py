@@ -88,7 +88,7 @@ def quiet_site(resource: Resource) -> Site:
     site = Site(resource)
     site.displayTracebacks = False
     site.noisy = False
-    site.log = lambda request: None  # type: ignore[method-assign]
+    site.log = lambda request: None  # type: ignore[method-assign]  # no access log line per request
     return site
 
 

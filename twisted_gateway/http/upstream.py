@@ -20,8 +20,9 @@ class IUpstream(Interface):
     tunnels = Attribute("Whether a websocket upgrade (C{upgrade=True}) can be sent: a 101 answer "
                         "then hands over the connection (L{IUpstreamResponse})")
 
-    def request(address: str, port: int, method: bytes, path: bytes,  # type: ignore[misc]
-                headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
+    def request(address: str, port: int, method: bytes, path: bytes,
+                headers: list[tuple[bytes, bytes]], body: Any = None,
+                upgrade: bool = False) -> Deferred[IUpstreamResponse]:
         """
         Send a request whose C{headers} carry no framing field (the upstream adds its own from
         C{body}: None for no body, else an IBodyProducer whose C{length} is a number or
@@ -39,7 +40,7 @@ class IUpstreamResponse(Interface):
     headers = Attribute("The header fields (L{RawHeaders})")
     length = Attribute("The body's length when the shard declared one, else UNKNOWN_LENGTH")
 
-    def deliverBody(protocol: Any) -> None:  # type: ignore[misc]
+    def deliverBody(protocol: Any) -> None:
         """
         Stream the body into C{protocol} (C{makeConnection} with a transport whose
         pause/resume/stopProducing reach the shard, C{dataReceived}, then C{connectionLost}

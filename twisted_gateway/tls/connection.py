@@ -12,12 +12,13 @@ buffer and producer machinery give backpressure in both directions.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IConsumer, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITCPTransport,
 )
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
@@ -25,6 +26,7 @@ from twisted_gateway._compat import BIO_MEM_DATA as _mem_data
 from twisted_gateway._compat import BIO_POINTER as _POINTER
 from twisted_gateway._compat import memory_bios
 from twisted_gateway.fastwrite import write_now
+from twisted_gateway.interfaces import IStreamTransport
 from zope.interface import implementer
 
 # One TLS record carries at most 16 KiB of plaintext; SSL_read returns one record per call.
@@ -47,10 +49,10 @@ class TLSServerConnection:
 
     disconnecting = False
     connected = True
-    peer: Any = None
+    peer: IPv4Address | IPv6Address | None = None
     """The client's address when it came in a PROXY header, else None (the TCP peer)."""
 
-    def __init__(self, transport: Any, connection: SSL.Connection, protocol: Any,
+    def __init__(self, transport: IStreamTransport, connection: SSL.Connection, protocol: Any,
                  on_handshake: Callable[[TLSServerConnection], None],
                  on_failure: Callable[[TLSServerConnection, str, Exception | None], None]) -> None:
         self.transport = transport
@@ -95,7 +97,7 @@ class TLSServerConnection:
         self._eof_pending = True
         self._drain()
 
-    def raw_connection_lost(self, reason: Failure) -> None:
+    def raw_connection_lost(self, reason: Failure | None) -> None:
         if self._lost:
             return
         self._lost = True
@@ -142,7 +144,7 @@ class TLSServerConnection:
         recv = conn.recv
         sized = self._sized
         while not self._paused and not self._read_closed and not self._lost:
-            if sized and not _mem_data(self._in_bio, _POINTER) and not conn.pending():  # type: ignore[misc]
+            if sized and not _mem_data(self._in_bio, _POINTER) and not conn.pending():
                 break  # nothing buffered: skip the failing read
             try:
                 data = recv(_RECV_SIZE)
@@ -175,7 +177,7 @@ class TLSServerConnection:
 
     def _flush(self) -> None:
         if self._sized:
-            waiting = _mem_data(self._out_bio, _POINTER)  # type: ignore[misc]
+            waiting = _mem_data(self._out_bio, _POINTER)
             if waiting:
                 write_now(self.transport, self._conn.bio_read(waiting))
             return
@@ -209,7 +211,7 @@ class TLSServerConnection:
             return
         self._flush()
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseWriteConnection(self) -> None:
@@ -249,14 +251,14 @@ class TLSServerConnection:
         self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
         protocol.makeConnection(self)
 
-    def getPeer(self) -> Any:
+    def getPeer(self) -> IPv4Address | IPv6Address:
         # Asked once per HTTP request by twisted.web; the TCP transport makes a system call
         # and a new address object each time, so keep the first answer.
         if self.peer is None:
             self.peer = self.transport.getPeer()
         return self.peer
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IPv4Address | IPv6Address:
         return self.transport.getHost()
 
     def setTcpNoDelay(self, enabled: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -65,14 +65,15 @@ def load_pair(cert_path: str, key_path: str) -> KeyPair:
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if chain[0].public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         raise CertificateError(f"{key_path}: the key does not match the certificate in {cert_path}")
-    return KeyPair(chain, key)  # type: ignore[arg-type]
+    return KeyPair(chain, key)
 
 
 def certificate_names(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return [a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]  # type: ignore[misc]
+        # A commonName's value is a string (only bit-string attributes are bytes).
+        return [cast(str, a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
     return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
         str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
 
@@ -134,8 +135,8 @@ class StaticFileSource(TimerService):
             self.log.failure("checking the certificate files failed; trying again in {interval}s",
                              interval=self.step)
 
-    def _stat(self) -> tuple:
-        out = []
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        out: list[tuple[int, int, int] | None] = []
         for p in (self.cert_path, self.key_path):
             try:
                 st = os.stat(p)
@@ -227,7 +228,8 @@ def build_context(pair: KeyPair, protocols: Iterable[bytes],
     ctx.use_certificate(crypto.X509.from_cryptography(pair.chain[0]))
     for extra in pair.chain[1:]:
         ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(pair.key))
+    # A key of a type pyOpenSSL cannot take (DH, X25519...) raises TypeError here.
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(pair.key))  # type: ignore[arg-type]
     ctx.check_privatekey()
     ctx.set_session_id(b"twisted-gateway")
     if client_ca:
@@ -244,7 +246,7 @@ def build_context(pair: KeyPair, protocols: Iterable[bytes],
             for p in preference:
                 if p in offered:
                     return p
-            return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+            return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]  # pyOpenSSL's sentinel, of a private type
         ctx.set_alpn_select_callback(select)
     return ctx
 

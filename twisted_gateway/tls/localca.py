@@ -19,6 +19,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from twisted_gateway.tls.files import atomic_write, ensure_private_dir
@@ -34,7 +35,8 @@ class KeyPair:
     """A certificate chain (leaf first) and its private key, as cryptography objects."""
 
     chain: tuple[x509.Certificate, ...]
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKeyTypes
+    """EC P-256 when issued here; a configured or stored pair's key is whatever its file holds."""
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -49,7 +51,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 

@@ -34,6 +34,7 @@ from twisted_gateway import metrics
 from twisted_gateway.fastwrite import write_now
 from twisted_gateway.http.h1.parse import needs_length_field
 from twisted_gateway.http.upstream import BadResponse, IUpstreamResponse, RawHeaders
+from twisted_gateway.interfaces import IStreamTransport
 
 if TYPE_CHECKING:
     from twisted_gateway.http.h1.pool import UpstreamPool
@@ -121,6 +122,7 @@ class _Abort(Exception):
 @implementer(IHalfCloseableProtocol)
 class UpstreamConnection(Protocol):
     log = Logger()
+    transport: IStreamTransport | None  # the shard's TCP connection; None once it is lost
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, int], on_connected: Any = None) -> None:
         self.pool = pool
@@ -143,7 +145,7 @@ class UpstreamConnection(Protocol):
 
     def _reset(self) -> None:
         self._state = "idle"
-        self._response_d: Deferred | None = None
+        self._response_d: Deferred[IUpstreamResponse] | None = None
         self._receiver: Any = None
         self._pending: list[bytes] = []
         self._done = False
@@ -164,7 +166,7 @@ class UpstreamConnection(Protocol):
 
     # -- requests ------------------------------------------------------------------------------
 
-    def send(self, method: bytes, head: bytes, body: Any, upgrade: bool = False) -> Deferred:
+    def send(self, method: bytes, head: bytes, body: Any, upgrade: bool = False) -> Deferred[IUpstreamResponse]:
         self.busy = True
         self._reset()
         self._method = method
@@ -172,11 +174,13 @@ class UpstreamConnection(Protocol):
         self._state = "head"
         self._parser = httptools.HttpResponseParser(self)
         self._response_d = Deferred(lambda d: self.abort())
-        write_now(self.transport, head)
+        transport = self.transport
+        assert transport is not None  # the pool sends only on a connected connection
+        write_now(transport, head)
         if body is not None:
             writer = _BodyWriter(self, body.length)
             self._body_pending = True
-            self.transport.registerProducer(body, True)
+            transport.registerProducer(body, True)
             finished = body.startProducing(writer)
 
             def body_done(_: Any) -> None:
@@ -420,7 +424,7 @@ class UpstreamConnection(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.transport = None
         self.pool.forget(self)
         if self._tunnel is not None:

@@ -18,9 +18,9 @@ a request head, a body's rate and an idle or stalled client.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,14 +35,19 @@ from twisted_gateway.http.h1.exchange import H1Exchange
 from twisted_gateway.http.h1.parse import END, RequestHead, RequestReader, Rejected, Stopped
 from twisted_gateway.http.policy import Answer, access_log
 from twisted_gateway.http.upstream import IUpstream
+from twisted_gateway.interfaces import IStreamTransport
 from twisted_gateway.splice import Splice, UpstreamSide
 
+if TYPE_CHECKING:
+    from twisted_gateway.tls.connection import TLSServerConnection
 
-@implementer(IHalfCloseableProtocol)
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class H1ProxyConnection(Protocol):
     """An HTTP/1.1 client connection to a shard port, proxied request by request."""
 
     log = Logger()
+    transport: IStreamTransport | None  # the client's TLS connection; None once it is lost
 
     def __init__(self, route: Route, ctx: HTTPRouteContext, server_name: str, upstream: IUpstream | None = None,
                  websockets: bool = True) -> None:
@@ -63,13 +68,14 @@ class H1ProxyConnection(Protocol):
         self.closing = False
         self.read_closed = False
         self.write_paused = False
-        self.relay_transport: Any = None
-        self._stall: Any = None
+        self.relay_transport: IPushProducer | None = None
+        """The response body's producer (the shard's socket), paused while the client is full."""
+        self._stall: IDelayedCall | None = None
         self.client_ip = "?"
         self._pauses: set[str] = set()
-        self._idle: Any = None
-        self._head_timer: Any = None
-        self._rate_timer: Any = None
+        self._idle: IDelayedCall | None = None
+        self._head_timer: IDelayedCall | None = None
+        self._rate_timer: IDelayedCall | None = None
         self._rate_mark = 0
         self._paused_in_window = False
         self.bytes_in_body = 0
@@ -78,12 +84,14 @@ class H1ProxyConnection(Protocol):
 
     def connectionMade(self) -> None:
         metrics.count_route(self.route, connections=1)
-        peer = self.transport.getPeer()
+        transport = self.transport
+        assert transport is not None
+        peer = transport.getPeer()
         self.client_ip = str(getattr(peer, "host", "?"))
         # The client's socket tells this connection when its buffer is full (IPushProducer):
         # the response in progress is paused at the shard, and no further pipelined request
         # is started until the client reads again.
-        self.transport.registerProducer(self, True)
+        transport.registerProducer(self, True)
         self._arm_idle()
 
     # -- the client's write buffer (IPushProducer) -------------------------------------------
@@ -120,7 +128,7 @@ class H1ProxyConnection(Protocol):
             self.closing = True
             self.transport.abortConnection()
 
-    def relay_started(self, transport: Any) -> None:
+    def relay_started(self, transport: IPushProducer) -> None:
         self.relay_transport = transport
         if self.write_paused:
             transport.pauseProducing()
@@ -146,7 +154,7 @@ class H1ProxyConnection(Protocol):
             self._head_timer = self.reactor.callLater(self.ctx.limits.request_head_timeout, self._head_timeout)
         self._process()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.closing = True
         for timer in (self._idle, self._head_timer, self._rate_timer, self._stall):
             if timer is not None and timer.active():
@@ -313,7 +321,8 @@ class H1ProxyConnection(Protocol):
         self._cancel_idle()
         self.closing = True
         held, self.held = self.held or [], None
-        tls = self.transport
+        # Only a TLS connection is handed over: the front door gives this protocol one.
+        tls = cast("TLSServerConnection", self.transport)
         splice = Splice(self.route, self.reactor, self.ctx.connect_timeout, self.ctx.tunnel_idle_timeout,
                         preamble=b"".join(held), on_done=self._tunnel_done)
         splice.adopt()

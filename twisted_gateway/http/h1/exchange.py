@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -27,6 +28,7 @@ from twisted_gateway.http.policy import (
 
 if TYPE_CHECKING:
     from twisted_gateway.http.h1.connection import H1ProxyConnection
+    from twisted_gateway.http.upstream import IUpstreamResponse
 
 
 class _ResponseRelay(ResponseRelay):
@@ -78,9 +80,9 @@ class H1Exchange:
         self.finished = False
         self.upgrade = False
         self.keep_alive = head.keep_alive
-        self.deferred: Deferred | None = None
+        self.deferred: Deferred[IUpstreamResponse] | None = None
         self.relay: _ResponseRelay | None = None
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
         self.timed_out = False
         self.abandoned = False
 
@@ -101,6 +103,7 @@ class H1Exchange:
             self.body = StreamingBody(head.length, lambda: conn.pause("body"), lambda: conn.resume("body"))
             if head.expect_continue:
                 # The request passed the gate: let the client send its body (RFC 9110 10.1.1).
+                assert conn.transport is not None  # started from the connection's dataReceived
                 conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         shard, port = route.shard, route.port
         d = conn.upstream.request(shard.address, port.target_port, head.method, head.target, fields,
@@ -202,6 +205,7 @@ class H1Exchange:
         lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade", b"Upgrade: websocket"]
         lines += [name + b": " + value for name, value in response_fields_for_client(response.headers.pairs)]
         tls = conn.transport
+        assert tls is not None  # _got_response saw it connected
         tls.write(b"\r\n".join(lines) + b"\r\n\r\n")
         self.finished = True
         metrics.HTTP_TUNNELS.inc()

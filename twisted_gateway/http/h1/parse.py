@@ -285,6 +285,7 @@ class RequestReader:
         parser is given the same framing in a head of its own (not reported), then the rest.
         """
         framing = self._upgrade_body
+        assert framing is not None  # called only when a head left its body unread
         self._upgrade_body = None
         self._parser = httptools.HttpRequestParser(self)
         self._synthetic = True
@@ -333,8 +334,11 @@ class RequestReader:
         if parser.should_upgrade() and head.body != "none":
             # llhttp will stop after this head and leave the body unread (it decides on its own
             # reading of Connection and Upgrade, which an empty token list still satisfies).
-            self._upgrade_body = b"Content-Length: %d" % head.length if head.body == "length" \
-                else b"Transfer-Encoding: chunked"
+            if head.body == "length":
+                assert head.length is not None  # check_head gives a "length" body its length
+                self._upgrade_body = b"Content-Length: %d" % head.length
+            else:
+                self._upgrade_body = b"Transfer-Encoding: chunked"
         self._events.append(head)
 
     def on_body(self, body: bytes) -> None:

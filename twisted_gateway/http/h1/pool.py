@@ -17,7 +17,7 @@ from twisted.web.client import ResponseNeverReceived
 from zope.interface import implementer
 
 from twisted_gateway.http.h1.client import UpstreamConnection, request_head
-from twisted_gateway.http.upstream import IUpstream
+from twisted_gateway.http.upstream import IUpstream, IUpstreamResponse
 
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 """Methods whose request may be sent again when a reused connection lost it unanswered."""
@@ -26,7 +26,7 @@ _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 class _Factory(ClientFactory):
     noisy = False
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int], connected: Deferred) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int], connected: Deferred[UpstreamConnection]) -> None:
         self.pool, self.key, self.connected = pool, key, connected
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
@@ -55,18 +55,19 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
 
     def request(self, address: str, port: int, method: bytes, path: bytes,
-                headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
+                headers: list[tuple[bytes, bytes]], body: Any = None,
+                upgrade: bool = False) -> Deferred[IUpstreamResponse]:
         raw_head = request_head(method, path, headers, body)
         key = (address, port)
         state: dict[str, Any] = {}
 
-        def cancel(_: Deferred) -> None:
+        def cancel(_: Deferred[IUpstreamResponse]) -> None:
             conn = state.get("conn")
             if conn is not None:
                 conn.abort()
             elif "connector" in state:
                 state["connector"].stopConnecting()
-        result: Deferred = Deferred(cancel)
+        result: Deferred[IUpstreamResponse] = Deferred(cancel)
 
         def settle(outcome: Any) -> None:
             if not result.called:  # a cancelled request has been answered already
@@ -75,13 +76,13 @@ class UpstreamPool:
                 else:
                     result.callback(outcome)
 
-        def send_on(conn: UpstreamConnection) -> Deferred:
+        def send_on(conn: UpstreamConnection) -> Deferred[IUpstreamResponse]:
             state["conn"] = conn
             return conn.send(method, raw_head, body, upgrade)
 
         def fresh() -> None:
             state.pop("conn", None)
-            connected: Deferred = Deferred()
+            connected: Deferred[UpstreamConnection] = Deferred()
             state["connector"] = self.reactor.connectTCP(
                 address, port, _Factory(self, key, connected), timeout=self.connect_timeout)
             connected.addCallbacks(lambda conn: send_on(conn).addBoth(settle), settle)

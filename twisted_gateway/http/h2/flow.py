@@ -20,9 +20,12 @@ import h2.connection
 import h2.errors
 import h2.exceptions
 import h2.settings
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
 from twisted_gateway.fastwrite import write_now
+from twisted_gateway.interfaces import IStreamTransport
 
 STREAM_WINDOW = 256 * 1024
 """The flow-control window the gateway gives each stream, on both sides."""
@@ -33,10 +36,12 @@ MAX_STREAMS = 100
 DEFAULT_WINDOW = 65535
 """The window every HTTP/2 connection starts with (RFC 9113 6.9.2)."""
 
+@implementer(IPushProducer)
 class H2Peer(Protocol):
     """One HTTP/2 connection the gateway is an end of, client- or shard-facing."""
 
     h2: h2.connection.H2Connection
+    transport: IStreamTransport | None  # None once the connection is lost
     write_paused = False
     partner: H2Peer | None = None
 

@@ -21,6 +21,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -72,8 +73,8 @@ class H2FrontConnection(H2Peer):
         self.replay_held = 0
         """Bytes of request bodies kept for replay, over all streams (L{REPLAY_CONNECTION_LIMIT})."""
         self.closing = False
-        self._idle: Any = None
-        self._stall: Any = None
+        self._idle: IDelayedCall | None = None
+        self._stall: IDelayedCall | None = None
         self.lost = False
 
     # -- connection ------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class H2FrontConnection(H2Peer):
         self.h2.decoder.max_header_list_size = self.max_header_bytes
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
+        assert self.transport is not None
         self.transport.registerProducer(self, True)
         self.flush()
         self._arm_idle()
@@ -99,6 +101,7 @@ class H2FrontConnection(H2Peer):
             self.log.info("h2 client {client} broke the protocol: {error}", client=self._client_ip(),
                           error=protocol_error_kind(e))
             self.flush()  # the GOAWAY h2 prepared
+            assert self.transport is not None  # it is connected while it reads
             self.transport.loseConnection()
             return
         for event in events:
@@ -173,6 +176,7 @@ class H2FrontConnection(H2Peer):
             self.flush()
         except h2.exceptions.ProtocolError:
             pass
+        assert self.transport is not None  # called from dataReceived
         if kind == "control_flood":
             self.transport.abortConnection()  # it does not read: nothing more would go out
         else:
@@ -199,7 +203,7 @@ class H2FrontConnection(H2Peer):
             self.log.info("h2 client {client} stopped reading: closing", client=self._client_ip())
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
         self._cancel_idle()
         if self._stall is not None and self._stall.active():

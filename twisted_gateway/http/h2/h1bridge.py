@@ -49,7 +49,7 @@ class _UpstreamStream:
         self._reopen = reopen
         self.stream_id: int | None = None
         self.pipe: Pipe | None = None
-        self.result: Deferred = Deferred(lambda d: self.cancel())
+        self.result: Deferred[IUpstreamResponse] = Deferred(lambda d: self.cancel())
         self.receiver: Any = None
         self.pending: list[bytes] = []
         self.unacked = 0
@@ -220,7 +220,8 @@ class H2Upstream:
         self.shard: ShardConnection | None = None
 
     def request(self, address: str, port: int, method: bytes, path: bytes,
-                headers: list[tuple[bytes, bytes]], body: Any = None, upgrade: bool = False) -> Deferred:
+                headers: list[tuple[bytes, bytes]], body: Any = None,
+                upgrade: bool = False) -> Deferred[IUpstreamResponse]:
         if upgrade:
             return fail(ValueError("an h2c shard connection cannot carry a websocket upgrade"))
         shard = self._connection(address, port)

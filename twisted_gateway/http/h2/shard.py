@@ -82,6 +82,7 @@ class ShardConnection(H2Peer):
         self.h2.decoder.max_header_list_size = 64 * 1024
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
+        assert self.transport is not None
         self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
         self.state = "open"
@@ -93,7 +94,7 @@ class ShardConnection(H2Peer):
         self._fail_everyone(reason)
         self.on_lost(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
         self.transport = None
         for pipe in list(self.pipes.values()):
@@ -173,6 +174,7 @@ class ShardConnection(H2Peer):
             self.log.warn("shard {address}:{port} broke HTTP/2: {error}", address=self.address,
                           port=self.port, error=protocol_error_kind(e))
             self.flush()
+            assert self.transport is not None  # it is connected while it reads
             self.transport.loseConnection()
             return
         for event in events:

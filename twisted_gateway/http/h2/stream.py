@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import h2.errors
 import h2.exceptions
 from twisted.internet import error as ierror
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
@@ -50,7 +51,7 @@ class ClientStream:
         self.response_started = False
         self.response_ended = False
         self.finished = False
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
 
     def client_data(self, data: bytes, flow_length: int) -> None:
         """Body bytes of the request (C{flow_length} with padding, to acknowledge)."""

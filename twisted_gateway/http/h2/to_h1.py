@@ -55,6 +55,7 @@ class _Relay(ResponseRelay):
         pipe.push(data, len(data))
         if pipe.held > STREAM_WINDOW and not self.paused:
             self.paused = True
+            assert self.transport is not None  # given by makeConnection before any data
             self.transport.pauseProducing()
         self.exchange.front.flush()
 
@@ -62,6 +63,7 @@ class _Relay(ResponseRelay):
         pipe = self.exchange.response_pipe
         if self.paused and (pipe is None or pipe.held <= STREAM_WINDOW // 2):
             self.paused = False
+            assert self.transport is not None  # paused through it in dataReceived
             self.transport.resumeProducing()
 
     def body_ended(self, complete: bool) -> None:

@@ -67,8 +67,8 @@ class RFC2136Responder:
         import dns.query
         import dns.rcode
         import dns.update
-        update = dns.update.Update(self.zone, keyring=self.keyring,
-                                   keyalgorithm=self.algorithm if self.keyring else None)
+        # dnspython reads keyalgorithm only with a keyring.
+        update = dns.update.Update(self.zone, keyring=self.keyring, keyalgorithm=self.algorithm)
         if action == "add":
             update.add(record, self.ttl, "TXT", f'"{value}"')
         else:

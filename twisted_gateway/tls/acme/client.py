@@ -75,7 +75,7 @@ class AcmeIssuer:
         alg = jose.ES256 if isinstance(jwk, jose.JWKEC) else jose.RS256
         net = acme_client.ClientNetwork(jwk, alg=alg, user_agent=f"twisted-gateway/{version()}")
         # The library passes verify=net.verify_ssl on every request; requests takes a bundle path.
-        net.verify_ssl = self.ca_bundle or True  # type: ignore[assignment]
+        net.verify_ssl = self.ca_bundle or True  # type: ignore[assignment]  # acme declares it bool
         directory = acme_client.ClientV2.get_directory(self.directory_url, net)
         client = acme_client.ClientV2(directory, net)
         registration = messages.NewRegistration.from_data(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 from urllib.parse import quote
 
 from twisted.application.internet import TimerService
@@ -64,7 +64,7 @@ class AcmeCertificateSource(MultiService):
         self._threadpool = threadpool
         self._certs: dict[str, StoredCertificate] = {}
         self._managed: dict[Names, str] = {}
-        self._in_flight: dict[Names, Deferred] = {}
+        self._in_flight: dict[Names, Deferred[None]] = {}
         self._failures: dict[Names, int] = {}
         self._next_attempt: dict[Names, float] = {}
         self._renew_at: dict[Names, float] = {}
@@ -77,7 +77,7 @@ class AcmeCertificateSource(MultiService):
         """An L{IssuerLock}: only its holder issues; None when this process is alone."""
         self.board = board
         self._store_stamp: Any = None
-        self._waiters: dict[str, list[Deferred]] = {}
+        self._waiters: dict[str, list[Deferred[None]]] = {}
         self._timers = [self._timer(config.check_interval, self.check, "renewal check")]
         if lock is not None:
             self._timers.append(self._timer(sync_interval, self.sync_store, "store sync"))
@@ -118,13 +118,17 @@ class AcmeCertificateSource(MultiService):
         self._maybe_on_demand(name)
         return self.fallback.pair_for(name)
 
-    def pending(self, name: str) -> Deferred | None:
+    def pending(self, name: str) -> Deferred[None] | None:
         """A Deferred that fires when an issuance covering C{name} ends, if one is running
         here or was requested from the issuing process."""
         for names, d in self._in_flight.items():
             if name in names:
-                waiter: Deferred = Deferred()
-                d.addBoth(lambda result: (waiter.callback(None), result)[1])
+                waiter: Deferred[None] = Deferred()
+
+                def release(result: object) -> object:
+                    waiter.callback(None)
+                    return result  # the issuance's own result goes on unchanged
+                d.addBoth(release)
                 return waiter
         if name in self._waiters:
             waiter = Deferred()
@@ -253,7 +257,7 @@ class AcmeCertificateSource(MultiService):
 
     # -- issuance -------------------------------------------------------------------------------
 
-    def _issue(self, names: Names, challenge: str, reason: str) -> Deferred:
+    def _issue(self, names: Names, challenge: str, reason: str) -> Deferred[None]:
         if names in self._in_flight:
             return self._in_flight[names]
         started = self.reactor.seconds()
@@ -272,13 +276,15 @@ class AcmeCertificateSource(MultiService):
                 self.log.warn("renewal info for {names} unavailable: {error}", names=", ".join(names), error=str(e))
             return stored, ari
 
-        def in_thread() -> Deferred:
+        def in_thread() -> Deferred[tuple[StoredCertificate, float | None]]:
             if self._threadpool is not None:
                 return deferToThreadPool(self.reactor, self._threadpool, run)
             return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), run)
 
         d = self._semaphore.run(in_thread)
-        self._in_flight[names] = d
+        # What the callbacks added after issued or failed (below) see, as pending()'s do: None.
+        in_flight = cast("Deferred[None]", d)
+        self._in_flight[names] = in_flight
 
         def issued(result: tuple[StoredCertificate, float | None]) -> None:
             stored, ari = result
@@ -303,12 +309,12 @@ class AcmeCertificateSource(MultiService):
             self.log.warn("certificate for {names} failed (attempt {count}), retrying in {delay:.0f}s: "
                           "{error}", names=", ".join(names), count=count, delay=delay, error=error)
 
-        def settled(result: Any) -> Any:
+        def settled(result: object) -> object:
             self._in_flight.pop(names, None)
             return result
         d.addCallbacks(issued, failed)
-        d.addBoth(settled)
-        return d
+        in_flight.addBoth(settled)
+        return in_flight
 
     def _install(self, stored: StoredCertificate, ari: float | None = None) -> None:
         for name in stored.names:
@@ -338,15 +344,19 @@ class AcmeCertificateSource(MultiService):
         return self._lookup(name) is not None
 
 
-def wait_for_certificate(source: Any, name: str, bound: float, reactor: Any) -> Deferred | None:
+def wait_for_certificate(source: Any, name: str, bound: float, reactor: Any) -> Deferred[None] | None:
     """A Deferred firing when an issuance for C{name} ends or C{bound} seconds pass."""
     if bound <= 0 or not isinstance(source, AcmeCertificateSource):
         return None
     pending = source.pending(name)
     if pending is None:
         return None
-    done: Deferred = Deferred()
-    timer = reactor.callLater(bound, lambda: done.called or done.callback(None))
+    done: Deferred[None] = Deferred()
+
+    def expired() -> None:
+        if not done.called:
+            done.callback(None)
+    timer = reactor.callLater(bound, expired)
 
     def finished(_: Any) -> None:
         if timer.active():

@@ -110,6 +110,7 @@ class TLSALPN01Responder:
         ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
 
         def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+            # pyOpenSSL's no-overlap sentinel, whose type is private.
             return ACME_TLS_ALPN if ACME_TLS_ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
         ctx.set_alpn_select_callback(select)
         return ctx

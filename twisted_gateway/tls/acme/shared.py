@@ -24,7 +24,7 @@ from twisted_gateway.tls.files import atomic_write, ensure_private_dir
 try:
     import fcntl
 except ImportError:  # Windows: one process only (workers: 1), so the lock is always ours
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # checked before each use
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.*-]{1,253}$")
 

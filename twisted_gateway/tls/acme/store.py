@@ -80,9 +80,9 @@ class DiskCertificateStore:
         stem = os.path.join(self.cert_dir, file_stem(name))
         return stem + ".pem", stem + ".key"
 
-    def stamp(self) -> tuple:
+    def stamp(self) -> tuple[tuple[str, int], ...]:
         """Changes whenever a stored certificate or key is written (for processes that follow)."""
-        out = []
+        out: list[tuple[str, int]] = []
         for entry in sorted(os.listdir(self.cert_dir)):
             if entry.endswith((".pem", ".key")):
                 try:
@@ -124,7 +124,7 @@ class DiskCertificateStore:
         atomic_write(cert_path, chain_pem, mode=0o644)
         chain = tuple(x509.load_pem_x509_certificates(chain_pem))
         key = serialization.load_pem_private_key(key_pem, None)
-        return StoredCertificate(names, KeyPair(chain, key))  # type: ignore[arg-type]
+        return StoredCertificate(names, KeyPair(chain, key))
 
     def _account_path(self, ca_url: str) -> str:
         return os.path.join(self.root, f"account-{hashlib.sha256(ca_url.encode()).hexdigest()[:16]}.pem")
@@ -140,7 +140,7 @@ class DiskCertificateStore:
         atomic_write(self._account_path(ca_url), key_pem, mode=0o600)
 
 
-def summarize(stored: Iterable[StoredCertificate]) -> list[dict]:
+def summarize(stored: Iterable[StoredCertificate]) -> list[dict[str, str]]:
     """Rows for ``twistd gateway certs list``."""
     rows = []
     for s in stored:
