@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 
 import yaml
-from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from twisted_gateway.polling import PollingService
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
 
@@ -35,7 +35,7 @@ def load_directory_file(path: str) -> DirectorySnapshot:
     return parse_directory(doc)
 
 
-class FileDirectoryProvider(TimerService):
+class FileDirectoryProvider(PollingService):
     """
     Polls one directory file (a TimerService calling L{check}, the first time when started).
 
@@ -48,30 +48,11 @@ class FileDirectoryProvider(TimerService):
 
     def __init__(self, path: str, directory: ShardDirectory, interval: float = 0.5,
                  clock: IReactorTime | None = None) -> None:
-        super().__init__(interval, self._poll)
+        super().__init__(interval, self.check, "the directory file")
         self.path = path
         self.directory = directory
         self.clock = clock
         self._stamp: tuple[int, int, int] | None = None
-
-    @property
-    def interval(self) -> float:
-        return float(self.step)
-
-    @interval.setter
-    def interval(self, seconds: float) -> None:
-        self.set_interval(seconds)
-
-    def set_interval(self, seconds: float) -> None:
-        """Check every C{seconds} from now on (a running timer restarts, checking at once)."""
-        if seconds == self.step:
-            return
-        self.step = seconds
-        if self.running:
-            # TimerService reads its step only when it starts.  check() never returns a
-            # Deferred, so the stop is complete when stopService returns.
-            TimerService.stopService(self)
-            TimerService.startService(self)
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -79,13 +60,6 @@ class FileDirectoryProvider(TimerService):
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _poll(self) -> None:
-        try:
-            self.check()
-        except Exception:  # noqa: BLE001 - logged; a TimerService whose call raises stops for good
-            self.log.failure("checking the directory file {path} failed; trying again in "
-                             "{interval}s", path=self.path, interval=self.step)
 
     def check(self, force: bool = False) -> None:
         """Read the file if it changed (or if C{force}) and publish it, or refuse it."""

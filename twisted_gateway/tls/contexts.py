@@ -15,11 +15,11 @@ from typing import Iterable, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from twisted_gateway.polling import PollingService
 from twisted_gateway import metrics
 from twisted_gateway.tls.localca import KeyPair, LocalCA
 
@@ -85,7 +85,7 @@ def _record_expiry(pair: KeyPair) -> None:
 
 
 @implementer(ICertificateSource)
-class StaticFileSource(TimerService):
+class StaticFileSource(PollingService):
     """
     One certificate chain and key from files, re-read when either file changes (a
     TimerService calling L{check}; the first check, when started, finds the files as loaded
@@ -101,39 +101,13 @@ class StaticFileSource(TimerService):
 
     def __init__(self, cert_path: str, key_path: str, interval: float = 1.0,
                  clock: IReactorTime | None = None) -> None:
-        super().__init__(interval, self._poll)
+        super().__init__(interval, self.check, "the certificate files")
         self.clock = clock
         self.cert_path = cert_path
         self.key_path = key_path
         self.pair = load_pair(cert_path, key_path)
         _record_expiry(self.pair)
         self._stamp = self._stat()
-
-    @property
-    def interval(self) -> float:
-        return float(self.step)
-
-    @interval.setter
-    def interval(self, seconds: float) -> None:
-        self.set_interval(seconds)
-
-    def set_interval(self, seconds: float) -> None:
-        """Check every C{seconds} from now on (a running timer restarts, checking at once)."""
-        if seconds == self.step:
-            return
-        self.step = seconds
-        if self.running:
-            # TimerService reads its step only when it starts.  check() never returns a
-            # Deferred, so the stop is complete when stopService returns.
-            TimerService.stopService(self)
-            TimerService.startService(self)
-
-    def _poll(self) -> None:
-        try:
-            self.check()
-        except Exception:  # noqa: BLE001 - logged; a TimerService whose call raises stops for good
-            self.log.failure("checking the certificate files failed; trying again in {interval}s",
-                             interval=self.step)
 
     def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
         out: list[tuple[int, int, int] | None] = []
