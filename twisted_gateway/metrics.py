@@ -29,7 +29,8 @@ CONNECTIONS_CLOSED = Counter(
     "gateway_connections_closed_total",
     "Connections closed on the TLS listener, by what the connection turned out to be: tcp, "
     "http (a shard's HTTP port), api (the gateway hostname), refused (no route, an error page or "
-    "alert was sent), handshake_failed, upstream_failed.",
+    "alert was sent), handshake_failed, upstream_failed, tls_passthrough (relayed without "
+    "terminating TLS).",
     ["outcome"], registry=REGISTRY)
 
 CONNECTIONS_ACTIVE = Gauge(
