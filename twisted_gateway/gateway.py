@@ -358,7 +358,6 @@ class Gateway:
                 new = load_config(path, overrides)
                 verifier = verifier_from_config(new.auth, new.source, self.reactor)
                 Admission(new.limits, new.proxy_protocol, self.reactor.seconds)
-                parse_networks(new.http.trusted_proxies)
             except (ConfigError, ValueError) as e:
                 self.log.error("reload refused, the running configuration stays: {error}", error=str(e))
                 metrics.CONFIG_RELOADS.labels(outcome="failure").inc()

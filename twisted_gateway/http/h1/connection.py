@@ -159,13 +159,11 @@ class H1ProxyConnection(Protocol):
         for timer in (self._idle, self._head_timer, self._rate_timer, self._stall):
             if timer is not None and timer.active():
                 timer.cancel()
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None and not exchange.finished:
-            exchange.finished = True
-            exchange._cancel_timer()
-            exchange.abandon_upstream()
-            self._access_log(exchange, "client_gone")
+        exchange = self.exchange
         self.transport = None
+        if exchange is not None and not exchange.finished:
+            exchange.abandon_upstream()
+            exchange.finish("client_gone", keep_alive=False)  # logged; nothing is left to write
 
     def readConnectionLost(self) -> None:
         """The client half-closed: answer what it sent whole, then close."""
@@ -280,8 +278,8 @@ class H1ProxyConnection(Protocol):
     def count_rejected(self, rejected: Rejected) -> None:
         metrics.HTTP_REJECTED.labels(reason=rejected.reason).inc()
 
-    def exchange_done(self, exchange: H1Exchange, keep_alive: bool, abort: bool) -> None:
-        self._access_log(exchange, "ok")
+    def exchange_done(self, exchange: H1Exchange, outcome: str, keep_alive: bool, abort: bool) -> None:
+        self._access_log(exchange, outcome)
         if self.exchange is exchange:
             self.exchange = None
         self._stop_rate_check()

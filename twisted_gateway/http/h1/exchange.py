@@ -256,7 +256,7 @@ class H1Exchange:
         self._cancel_timer()
         if self.body is not None and not self.request_done:
             self.body.discard()
-        self.conn.exchange_done(self, self.keep_alive and keep_alive, abort)
+        self.conn.exchange_done(self, outcome, self.keep_alive and keep_alive, abort)
 
 
 def _request_state(head: RequestHead, client_ip: str, private: bool, cookie_name: bytes) -> RequestState:

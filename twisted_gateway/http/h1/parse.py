@@ -20,10 +20,8 @@ from typing import Any, Union
 import attrs
 import httptools
 
-from twisted_gateway.http.framing import authority_host
+from twisted_gateway.http.framing import authority_host, is_token
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789"
-                   b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
@@ -97,7 +95,7 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
         return _bad(505, "bad_request", "only HTTP/1.1 and HTTP/1.0 are served")
     if method == b"CONNECT":
         return _bad(405, "method_not_allowed", "CONNECT is not proxied to shards")
-    if not method or any(c not in _TOKEN for c in method):
+    if not is_token(method):
         return _bad(400, "bad_request", "the method is not a token")
     if any(c <= 0x20 or c >= 0x7F for c in target):
         return _bad(400, "bad_request", "the request target holds a space or control byte")

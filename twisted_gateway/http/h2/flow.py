@@ -190,6 +190,18 @@ def h2_config(client_side: bool) -> h2.config.H2Configuration:
                                      validate_inbound_headers=True, normalize_inbound_headers=True)
 
 
+def new_connection(client_side: bool, max_header_bytes: int) -> h2.connection.H2Connection:
+    """An h2 connection as the gateway runs one (either side), its preface prepared."""
+    conn = h2.connection.H2Connection(h2_config(client_side=client_side))
+    conn.local_settings = h2_settings(client_side, max_header_bytes)
+    # Initial settings never go through h2's settings-acknowledged path, which is where it
+    # would apply this limit to its HPACK decoder: apply it here.
+    conn.decoder.max_header_list_size = max_header_bytes
+    conn.initiate_connection()
+    conn.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
+    return conn
+
+
 def h2_settings(client: bool, max_header_bytes: int) -> h2.settings.Settings:
     """The settings the gateway announces, as the client of a shard or the server of a client."""
     values = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,

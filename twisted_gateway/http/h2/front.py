@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -31,7 +30,7 @@ from twisted_gateway.http.context import HTTPRouteContext
 from twisted_gateway.http.errors import render_error
 from twisted_gateway.http.framing import authority_host, h2_field_problem, h2_target_problem
 from twisted_gateway.http.h2.flow import (
-    CONNECTION_WINDOW, DEFAULT_WINDOW, H2Peer, Pipe, h2_config, h2_settings, protocol_error_kind,
+    H2Peer, Pipe, new_connection, protocol_error_kind,
 )
 from twisted_gateway.http.h2.shard import ShardConnection
 from twisted_gateway.http.h2.stream import ClientStream, ShardStream
@@ -81,13 +80,7 @@ class H2FrontConnection(H2Peer):
 
     def connectionMade(self) -> None:
         metrics.count_route(self.route, connections=1)
-        self.h2 = h2.connection.H2Connection(h2_config(client_side=False))
-        self.h2.local_settings = h2_settings(False, self.max_header_bytes)
-        # Initial settings never go through h2's settings-acknowledged path, which is where it
-        # would apply this limit to its HPACK decoder: apply it here.
-        self.h2.decoder.max_header_list_size = self.max_header_bytes
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
+        self.h2 = new_connection(client_side=False, max_header_bytes=self.max_header_bytes)
         assert self.transport is not None
         self.transport.registerProducer(self, True)
         self.flush()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Protocol as TypingProtocol
 
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -20,7 +19,7 @@ from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
 from twisted_gateway.http.h2.flow import (
-    CONNECTION_WINDOW, DEFAULT_WINDOW, H2Peer, error_name, h2_config, h2_settings, protocol_error_kind,
+    H2Peer, error_name, new_connection, protocol_error_kind,
 )
 
 
@@ -77,11 +76,7 @@ class ShardConnection(H2Peer):
     # -- connection ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.h2 = h2.connection.H2Connection(h2_config(client_side=True))
-        self.h2.local_settings = h2_settings(True, 64 * 1024)
-        self.h2.decoder.max_header_list_size = 64 * 1024
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
+        self.h2 = new_connection(client_side=True, max_header_bytes=64 * 1024)
         assert self.transport is not None
         self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)

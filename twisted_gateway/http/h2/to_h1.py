@@ -32,10 +32,6 @@ from twisted_gateway.http.upstream import IUpstream
 if TYPE_CHECKING:
     from twisted_gateway.http.h2.front import H2FrontConnection
 
-# Fields h2 forbids in a response (RFC 9113 8.2.2), besides those HTTP/1.1 calls hop-by-hop.
-_H2_FORBIDDEN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                           b"upgrade", b"te"})
-
 
 class _Relay(ResponseRelay):
     """The shard's response body into the client stream's pipe."""
@@ -196,8 +192,8 @@ class H1StreamExchange(ClientStream):
         self.response_started = True
         metrics.count_request("proxy", code, self.request.method)
         headers = [(b":status", b"%d" % code)]
-        headers += [(name.lower(), value) for name, value in response_fields_for_client(response.headers.pairs)
-                    if name.lower() not in _H2_FORBIDDEN]
+        # response_fields_for_client drops every field h2 forbids too (RFC 9113 8.2.2).
+        headers += [(name.lower(), value) for name, value in response_fields_for_client(response.headers.pairs)]
         head = self.request.method == b"HEAD"
         bodyless = head or code in (204, 304) or response.length == 0
         if isinstance(response.length, int) and not head and code not in (204, 304):
