@@ -501,3 +501,17 @@ def test_websockets_are_offered_only_through_an_upstream_that_tunnels():
     failed: list = []
     h2c.request("127.0.0.1", 80, b"GET", b"/", [(b"Host", b"x")], upgrade=True).addErrback(failed.append)
     assert failed and reactor.tcpClients == []  # refused before any connection is made
+
+
+def test_a_request_that_ends_without_a_status_is_logged_with_its_outcome():
+    from twisted.logger import globalLogPublisher
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        conn, transport, upstream, _ = connection()
+        conn.dataReceived(b"POST /x HTTP/1.1\r\nHost: web-80.gw.test\r\nContent-Length: 10\r\n\r\nabc")
+        conn.readConnectionLost()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    [line] = [e for e in seen if e.get("event_kind") == "http_access"]
+    assert line["status"] == "client_gone"
