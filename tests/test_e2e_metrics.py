@@ -62,6 +62,18 @@ def worker_pids(gw) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _echoes(tls: ssl.SSLSocket, payload: bytes) -> bool:
+    """Send C{payload} and whether the same bytes come back before the connection ends."""
+    tls.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        data = tls.recv(65536)
+        if not data:
+            break
+        got += data
+    return got == payload
+
+
 def echo_without_verification(gw, name: str, payload: bytes = b"ping") -> bool:
     """One echo through the gateway (the certificate here is self-signed: not verified)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -70,14 +82,7 @@ def echo_without_verification(gw, name: str, payload: bytes = b"ping") -> bool:
     try:
         with socket.create_connection(("127.0.0.1", gw.tls_port), timeout=5) as raw:
             with ctx.wrap_socket(raw, server_hostname=name) as tls:
-                tls.sendall(payload)
-                got = b""
-                while len(got) < len(payload):
-                    data = tls.recv(65536)
-                    if not data:
-                        break
-                    got += data
-                return got == payload
+                return _echoes(tls, payload)
     except OSError:
         return False
 
@@ -172,11 +177,4 @@ def test_per_route_series_with_two_workers_are_capped(start_gateway, echo_upstre
 
 def _echo(gw, label: str, payload: bytes) -> bool:
     with gw.connect(f"{label}-9000.localhost") as tls:
-        tls.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            data = tls.recv(65536)
-            if not data:
-                break
-            got += data
-        return got == payload
+        return _echoes(tls, payload)
