@@ -40,3 +40,12 @@ def start_gateway(workdir):
         # Whatever a test did, the gateway's own code must never have crashed.
         crashes = [e for e in gw.events if e.get("level") == "critical" or "Traceback" in str(e.get("message"))]
         assert not crashes, "gateway logged a crash:\n" + gw.output()
+
+
+@pytest.fixture
+def redis_env():
+    """Real redis-server / redis-sentinel processes (tests/redis_env.py), all stopped after."""
+    from redis_env import RedisEnv
+    env = RedisEnv()
+    yield env
+    env.close()

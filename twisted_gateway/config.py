@@ -288,6 +288,64 @@ class MetricsConfig:
                                                  "later pairs are counted under label and port \"other\".")
 
 
+def redis_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    from urllib.parse import urlsplit
+    if not isinstance(value, str) or not value.startswith(("redis://", "rediss://")):
+        raise ValueError(f"expected a redis:// or rediss:// URL, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        parts.port
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a Redis URL ({e})") from None
+    if not parts.hostname:
+        raise ValueError(f"{value!r} names no host")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database in {value!r} must be a number, like redis://host:6379/0")
+    if parts.password:
+        raise ValueError("put the password in redis.password_file, not in the URL")
+    return value
+
+
+def host_ports(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of HOST:PORT, got {value!r}")
+    return tuple(host_port(v) for v in value)
+
+
+def key_prefix(value: Any) -> str:
+    import re
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.:{}-]{1,64}", value):
+        raise ValueError(f"expected up to 64 letters, digits and _.:{{}}-, got {value!r}")
+    return value
+
+
+@attrs.frozen
+class RedisConfig:
+    url: str | None = _field(redis_url, None, "redis://[user@]host:port/db (rediss:// for TLS); with sentinels, "
+                                              "only its user, database and scheme are used.  Unset (and no "
+                                              "sentinels): no Redis, the gateway is alone.")
+    password_file: str | None = _field(optional_path, None, "File holding the Redis password (ACL user's or requirepass).")
+    tls_ca: str | None = _field(optional_path, None, "PEM CA bundle the Redis server's certificate must chain to (implies TLS).")
+    tls_server_name: str | None = _field(optional_str, None, "Name checked in the Redis server's certificate (default: the URL's host).")
+    sentinels: tuple[str, ...] = _field(host_ports, (), "Sentinel addresses (HOST:PORT); the master is asked of them.")
+    master_name: str = _field(optional_str, "mymaster", "The Sentinel master (service) name.")
+    key_prefix: str = _field(key_prefix, "gateway:", "Prefix of every key and channel the fleet uses.")
+    connect_timeout: float = _field(positive_number, 2.0, "Seconds to connect to Redis.")
+    command_timeout: float = _field(positive_number, 2.0, "Seconds for Redis to answer a command (then the connection is dropped and redialled).")
+    check_interval: float = _field(positive_number, 1.0, "Seconds between checks of the directory version (besides pub/sub notices).")
+    directory: bool = _field(boolean, True, "Read the shard directory from Redis (when directory.file is unset).")
+    acme: bool = _field(boolean, True, "Keep ACME certificates, account, challenges and the issuance lock in Redis.")
+    acme_key_file: str | None = _field(optional_path, None, "Fernet key file that encrypts private keys kept in Redis (required with redis.acme and acme.enabled).")
+    limits: bool = _field(boolean, True, "Share the per-IP and per-token rate limits through Redis.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None or bool(self.sentinels)
+
+
 @attrs.frozen
 class GatewayConfig:
     hostname: str = _field(hostname, "localhost", "The wildcard base name.")
@@ -306,6 +364,7 @@ class GatewayConfig:
     proxy_protocol: ProxyProtocolConfig = attrs.field(factory=ProxyProtocolConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    redis: RedisConfig = attrs.field(factory=RedisConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
@@ -313,6 +372,7 @@ _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
     "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "limits": LimitsConfig,
     "proxy_protocol": ProxyProtocolConfig, "log": LogConfig, "metrics": MetricsConfig,
+    "redis": RedisConfig,
 }
 
 
@@ -389,6 +449,13 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
         raise ConfigError(source, "workers", "several worker processes need a POSIX system; use 1")
     if acme.on_demand == "ask" and not acme.ask_url:
         raise ConfigError(source, "acme.ask_url", "on_demand: ask needs acme.ask_url")
+    redis = config.redis
+    if redis.sentinels and (redis.tls_ca or (redis.url or "").startswith("rediss://")):
+        raise ConfigError(source, "redis.sentinels", "TLS to a master found through Sentinel is not "
+                          "supported (txredisapi dials it in the clear); use a plain URL or no sentinels")
+    if redis.enabled and redis.acme and acme.enabled and not redis.acme_key_file:
+        raise ConfigError(source, "redis.acme_key_file", "keeping ACME keys in Redis needs a Fernet key "
+                          "file to encrypt them (or set redis.acme: false)")
     # Relative paths in the file are relative to the file's directory.
     if path_ is not None:
         base = os.path.dirname(os.path.abspath(path_))
@@ -410,6 +477,10 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
                 config = attrs.evolve(config, auth=attrs.evolve(config.auth, **{key: rel(getattr(config.auth, key))}))
         if "ca_bundle" in (doc.get("acme") or {}):
             config = attrs.evolve(config, acme=attrs.evolve(config.acme, ca_bundle=rel(config.acme.ca_bundle)))
+        redis_doc = doc.get("redis") or {}
+        for key in ("password_file", "tls_ca", "acme_key_file"):
+            if key in redis_doc:
+                config = attrs.evolve(config, redis=attrs.evolve(config.redis, **{key: rel(getattr(config.redis, key))}))
         if "state_dir" in doc and "state_dir" not in (overrides or {}):
             config = attrs.evolve(config, state_dir=rel(config.state_dir))
     return attrs.evolve(config, source=source)

@@ -28,6 +28,7 @@ from twisted_gateway.admin import AdminApp
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.file import FileDirectoryProvider
 from twisted_gateway.directory.interfaces import ShardDirectory
+from twisted_gateway.fleet.redis import RedisLink
 from twisted_gateway.frontdoor import ConnectionTracker, FrontDoorFactory
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.context import HTTPRouteContext
@@ -190,6 +191,13 @@ class Gateway:
         self.static_source: StaticFileSource | None = None
         self.directory_provider: FileDirectoryProvider | None = None
         ensure_private_dir(config.state_dir)
+        # The fleet's link to Redis, when one is configured: the directory, the ACME store and
+        # lock and the shared rate limits are built on it below.
+        self.redis: RedisLink | None = None
+        if config.redis.enabled:
+            self.redis = RedisLink(config.redis, reactor)
+            self.services.append(self.redis)
+            reactor.callLater(config.redis.connect_timeout + 1, self.redis.first_check)
         client_ca = load_client_ca(config.tcp.client_ca) if config.tcp.client_ca else None
         self.local_ca: LocalCA | None = None
         source: Any
@@ -299,6 +307,11 @@ class Gateway:
         if self.acme is not None:
             # Reported, not fatal: the fallback certificate still serves those names.
             detail["certificates"] = self.acme.problems()
+        if self.redis is not None:
+            # Degraded, not unready: everything goes on from the last known state.
+            detail["redis"] = self.redis.readiness()
+            if not self.redis.up:
+                detail["degraded"] = sorted(set(detail.get("degraded", [])) | {"redis"})
         return (not reasons, detail)
 
     def service(self) -> GatewayService:

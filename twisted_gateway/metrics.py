@@ -302,6 +302,56 @@ def count_route(route: Route, up: int = 0, down: int = 0, connections: int = 0) 
     ROUTES.count(route, up, down, connections)
 
 
+# -- the fleet: Redis ---------------------------------------------------------------------------
+
+REDIS_UP = Gauge(
+    "gateway_redis_up",
+    "1 while the connection to Redis (the Sentinel-discovered master, with sentinels) is up; "
+    "0 while the gateway runs on its last known state.",
+    registry=REGISTRY)
+
+REDIS_DISCONNECTS = Counter(
+    "gateway_redis_disconnects_total",
+    "Times the connection to Redis was lost (or could not be made) after being up or at start.",
+    registry=REGISTRY)
+
+REDIS_COMMAND_ERRORS = Counter(
+    "gateway_redis_command_errors_total",
+    "Redis commands that failed, by kind: unavailable (no connection, not sent), timeout "
+    "(no answer within redis.command_timeout), error (Redis answered an error).",
+    ["kind"], registry=REGISTRY)
+
+REDIS_DIRECTORY_RESYNCS = Counter(
+    "gateway_redis_directory_resyncs_total",
+    "Whole reads of the shard directory from Redis, by reason: start, reconnect, version_gap "
+    "(a change notice was missed), check (the periodic version check found a newer version).",
+    ["reason"], registry=REGISTRY)
+
+REDIS_DIRECTORY_VERSION = Gauge(
+    "gateway_redis_directory_version",
+    "The version of the Redis shard directory this gateway routes with.",
+    registry=REGISTRY)
+
+REDIS_DIRECTORY_LAG = Histogram(
+    "gateway_redis_directory_propagation_seconds",
+    "Time from a directory write in Redis (the writer's clock) to this gateway routing with it.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY)
+
+ACME_LOCK_EVENTS = Counter(
+    "gateway_acme_lock_events_total",
+    "The fleet's per-name ACME issuance lock, by event: acquired, busy (another gateway holds "
+    "it), renewed, lost (expired or taken over while this gateway held it), released, "
+    "unavailable (Redis could not be asked).",
+    ["event"], registry=REGISTRY)
+
+RATE_LIMIT_FALLBACKS = Counter(
+    "gateway_rate_limit_fallbacks_total",
+    "Rate-limit decisions made with the local limits because the shared (Redis) ones could not "
+    "be consulted, by limit: connection_ip, request_ip, request_token.",
+    ["limit"], registry=REGISTRY)
+
+
 # -- merging several workers' series ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -326,6 +376,10 @@ GAUGE_MERGE: dict[str, Merge] = {
     "gateway_certificate_not_after_timestamp_seconds": Merge(
         "min", "per name, the earliest expiry still served by some worker (one that has not "
                "reloaded a renewed certificate yet serves the old one)"),
+    "gateway_redis_up": Merge(
+        "min", "0 while any worker has lost Redis (each worker keeps its own connection)"),
+    "gateway_redis_directory_version": Merge(
+        "min", "the oldest directory version any worker still routes with"),
 }
 """The merge rule of every gauge in L{REGISTRY}, by family name: a new gauge must declare one
 (tests/test_metrics_merge.py fails otherwise).  Counters and histograms need none: their

@@ -33,6 +33,7 @@ _FLAG_TO_KEY = {
     "log-format": "log.format",
     "log-level": "log.level",
     "workers": "workers",
+    "redis": "redis.url",
 }
 
 
@@ -202,6 +203,8 @@ class Options(usage.Options):
         ["log-level", None, None, "Lowest level logged: debug, info, warn, error, critical [default: info]."],
         ["workers", None, None, "Worker processes sharing the TLS listener, supervised and restarted "
                                 "[default: the number of CPUs]."],
+        ["redis", None, None, "Redis URL (redis://[user@]host:port/db, rediss:// for TLS) the fleet "
+                              "shares; sets redis.url."],
     ]
 
     optFlags = [

@@ -1,0 +1,1 @@
+"""The fleet: what several gateways share through Redis."""
