@@ -12,6 +12,7 @@ the state directory) that only the supervisor reads, and its index in C{GATEWAY_
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -383,8 +384,18 @@ class Supervisor(Service):
             reasons = ["draining"] if self.stopping else []
             if ready < self.count:
                 reasons.append(f"{ready} of {self.count} workers ready")
-            return (not reasons, {"reasons": reasons, "workers": len(results),
-                                  "restarts": self.restarts})
+            detail: dict[str, Any] = {"reasons": reasons, "workers": len(results),
+                                      "restarts": self.restarts}
+            # What a worker reports as degraded (Redis lost, say) is the supervisor's too.
+            degraded: set[str] = set()
+            for _, code, body in results:
+                try:
+                    degraded.update(json.loads(body).get("degraded", []))
+                except (ValueError, AttributeError, TypeError):
+                    pass
+            if degraded:
+                detail["degraded"] = sorted(degraded)
+            return (not reasons, detail)
         return self.fetch_all("/readyz").addCallback(decide)
 
     def metrics(self) -> Deferred[bytes]:
