@@ -2,10 +2,10 @@
 The twistd-facing part: command-line options and makeService.
 
 Command-line flags override the configuration file.  A bad flag or file stops start-up with one
-line on stderr naming the file (or flag), the key and the problem, and exit code 2.  Two modes
-print and exit while the options are parsed, so twistd never builds a service: ``certs list``
-and ``--check`` (validate the configuration, the directory file and the certificates, and
-print a summary).
+line on stderr naming the file (or flag), the key and the problem, and exit code 2.  Three
+modes print and exit while the options are parsed, so twistd never builds a service: ``certs
+list``, ``directory put|rm|list|import|export`` (the shard directory in Redis) and ``--check``
+(validate the configuration, the directory file and the certificates, and print a summary).
 """
 
 from __future__ import annotations
@@ -45,6 +45,47 @@ class CertsOptions(usage.Options):
         if action != "list":
             raise usage.UsageError(f"unknown certs action {action!r} (expected: list)")
         self["action"] = action
+
+
+class DirectoryOptions(usage.Options):
+    synopsis = "put FILE-OR-JSON | rm ID [ID...] | list | import FILE | export"
+    longdesc = ("Read or change the fleet's shard directory in Redis (redis.url or --redis): "
+                "put adds or replaces shard entries (one entry, a list of entries or a directory "
+                "document; a file, inline JSON, or - for stdin), rm removes shards by id, list "
+                "shows them, import replaces the whole directory with a directory file, export "
+                "prints it as a directory document.  The resulting directory is validated "
+                "before anything is written; a change prints the new version.  Exit code 0, "
+                "or 2 with the problem on stderr.")
+
+    def parseArgs(self, action: str = "", *args: str) -> None:
+        from twisted_gateway.directory.redis import ACTIONS
+        if action not in ACTIONS:
+            raise usage.UsageError(f"unknown directory action {action!r} (expected: "
+                                   f"{', '.join(ACTIONS)})")
+        wanted = {"put": (1, 1), "rm": (1, None), "list": (0, 0), "import": (1, 1), "export": (0, 0)}
+        low, high = wanted[action]
+        if len(args) < low or (high is not None and len(args) > high):
+            raise usage.UsageError(f"directory {action}: usage: directory " + {
+                "put": "put FILE-OR-JSON", "rm": "rm ID [ID...]", "list": "list",
+                "import": "import FILE", "export": "export"}[action])
+        self["action"] = action
+        self["args"] = list(args)
+
+
+def run_directory_command(config: GatewayConfig, action: str, args: list[str]) -> None:
+    """Run one ``directory`` action under the reactor and exit (0, or 2 with one line on stderr)."""
+    from twisted.internet.task import react
+    from twisted_gateway.directory.redis import CommandFailed, run_command
+
+    def main(reactor: Any) -> Any:
+        def failed(failure: Any) -> None:
+            failure.trap(CommandFailed)
+            sys.stdout.flush()
+            sys.stderr.write(f"gateway: {failure.value}\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
+        return run_command(reactor, config, action, args).addErrback(failed)
+    react(main)
 
 
 def print_certificates(config: GatewayConfig, out: Any = None) -> None:
@@ -213,7 +254,9 @@ class Options(usage.Options):
                         "is started."],
     ]
 
-    subCommands = [["certs", None, CertsOptions, "Show stored certificates (certs list) and exit."]]
+    subCommands = [["certs", None, CertsOptions, "Show stored certificates (certs list) and exit."],
+                   ["directory", None, DirectoryOptions,
+                    "Read or change the shard directory in Redis (put, rm, list, import, export) and exit."]]
 
     def opt_version(self) -> None:
         """Show the version and exit."""
@@ -249,6 +292,9 @@ class Options(usage.Options):
             raise SystemExit(0)
         if self.subCommand == "certs":
             print_certificates(self.config)
+            raise SystemExit(0)
+        if self.subCommand == "directory":
+            run_directory_command(self.config, self.subOptions["action"], self.subOptions["args"])
             raise SystemExit(0)
 
 
