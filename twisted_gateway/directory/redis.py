@@ -63,6 +63,7 @@ from twisted_gateway import metrics
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
 from twisted_gateway.polling import PollingService
+from twisted_gateway.tls.files import atomic_write
 
 # -- the scripts ---------------------------------------------------------------------------------
 
@@ -193,7 +194,8 @@ _INDEX = re.compile(r"^shards\[(\d+)\]")
 
 
 def snapshot_from_entries(entries: Mapping[str, str]) -> DirectorySnapshot:
-    """Validate the whole directory the entries make; problems name the shard by its id."""
+    """Validate the whole directory the entries make; problems name the shard by its id
+    (``shards['web-1'].ports[0].port: ...``), not by its place in the document."""
     doc = document_from_entries(entries)
     try:
         return parse_directory(doc)
@@ -201,7 +203,7 @@ def snapshot_from_entries(entries: Mapping[str, str]) -> DirectorySnapshot:
         message = str(e)
         found = _INDEX.match(message)
         if found is not None and int(found.group(1)) < len(doc["shards"]):
-            message = f"shard {doc['shards'][int(found.group(1))]['id']!r}" + message[found.end():]
+            message = f"shards[{doc['shards'][int(found.group(1))]['id']!r}]" + message[found.end():]
         raise DirectoryError(message) from None
 
 
@@ -252,12 +254,9 @@ def entry_json(entry: Mapping[str, Any]) -> str:
 def write_cache(path: str, version: int, updated: float | None, entries: Mapping[str, str]) -> None:
     """Write the directory in force atomically: a reader sees the old file or the new one."""
     doc = {"version": version, "updated": updated, "directory": document_from_entries(entries)}
-    tmp = f"{path}.{os.getpid()}.tmp"  # each worker process its own temporary file
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # A temporary file of its own for each writer (several worker processes share the state
+    # directory), fsynced, then renamed over the cache.
+    atomic_write(path, json.dumps(doc, sort_keys=True).encode())
 
 
 def read_cache(path: str) -> tuple[int, dict[str, str]]:
