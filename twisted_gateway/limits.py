@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 if TYPE_CHECKING:
     from twisted_gateway.config import LimitsConfig, ProxyProtocolConfig
+    from twisted_gateway.fleet.limits import SharedLimits
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -100,6 +101,16 @@ class TokenBucket:
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
+class Limiter(Protocol):
+    """What admission asks of a rate limit: L{RateLimiter}, or the fleet's
+    L{twisted_gateway.fleet.limits.SharedRateLimiter}."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def take(self, key: str) -> float: ...
+
+
 class RateLimiter:
     """One L{TokenBucket} per key (client IP or token subject), refilled at C{rate} per second."""
 
@@ -171,10 +182,17 @@ class ConnectionCounter:
 
 
 class Admission:
-    """The gateway's admission state, rebuilt from configuration (the counters carry over)."""
+    """
+    The gateway's admission state, rebuilt from configuration (the counters carry over).
+
+    With C{shared} (the fleet's limits on Redis), the per-IP connection rate and the per-IP and
+    per-token request rates are the fleet's buckets, which outlive the Admission; without, they
+    are this process's own and start full.  The concurrent-connection caps are always this
+    process's.
+    """
 
     def __init__(self, limits: LimitsConfig, proxy_protocol: ProxyProtocolConfig, clock: Callable[[], float],
-                 counter: ConnectionCounter | None = None) -> None:
+                 counter: ConnectionCounter | None = None, shared: SharedLimits | None = None) -> None:
         self.limits = limits
         self.filter = IPFilter(parse_networks(limits.allow), parse_networks(limits.deny))
         self.trusted_proxies = parse_networks(proxy_protocol.trusted)
@@ -182,11 +200,16 @@ class Admission:
         self.counter.max_total = limits.max_connections
         self.counter.max_per_ip = limits.max_connections_per_ip
 
-        def limiter(rate: float, burst: float) -> RateLimiter:
+        self.shared = shared
+
+        def limiter(name: str, rate: float, burst: float) -> Limiter:
+            if shared is not None and rate > 0:
+                return shared.limiter(name, rate, burst or 2 * rate)
             return RateLimiter(rate, burst or 2 * rate, clock)
-        self.connection_rate = limiter(limits.connection_rate_per_ip, limits.connection_burst_per_ip)
-        self.request_rate_ip = limiter(limits.request_rate_per_ip, limits.request_burst)
-        self.request_rate_token = limiter(limits.request_rate_per_token, limits.request_burst)
+        self.connection_rate = limiter("connection_ip", limits.connection_rate_per_ip,
+                                       limits.connection_burst_per_ip)
+        self.request_rate_ip = limiter("request_ip", limits.request_rate_per_ip, limits.request_burst)
+        self.request_rate_token = limiter("request_token", limits.request_rate_per_token, limits.request_burst)
 
     def admit(self, ip: str) -> str | None:
         """Count a new connection from C{ip} in, or return why it is refused."""

@@ -4,8 +4,9 @@ What a connection sees: one frozen L{Runtime} built from a validated configurati
 The front door factory holds one reference to the Runtime in force; a reload builds a new one
 and swaps that reference, so a connection keeps the Runtime it was accepted with from start to
 end and nothing a connection reads changes under it.  Long-lived state that must survive a
-reload (the directory handle, the certificate cache, the upstream pool, the admission counters)
-is carried from one Runtime to the next; settings are never mutated in place.
+reload (the directory handle, the certificate cache, the upstream pool, the admission counters,
+the fleet's rate limits) is carried from one Runtime to the next; settings are never mutated
+in place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import attrs
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.directory.model import ShardPort
+from twisted_gateway.fleet.limits import SharedLimits
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.errors import error_site
 from twisted_gateway.http.context import HTTPRouteContext
@@ -28,6 +30,7 @@ from twisted_gateway.tls.contexts import ContextCache
 if TYPE_CHECKING:
     from twisted.web.server import Site
 
+    from twisted_gateway.fleet.redis import RedisLink
     from twisted_gateway.http.api import APISite
     from twisted_gateway.tls.acme.manager import AcmeCertificateSource
     from twisted_gateway.tls.acme.responders import TLSALPN01Responder
@@ -68,6 +71,9 @@ class Runtime:
     policy: RoutingPolicy
     port_filter: Callable[[ShardPort], IPFilter | None]
     verifier: TokenVerifier | None
+    shared_limits: SharedLimits | None = None
+    """The fleet's rate limits on Redis (carried across reloads, even while redis.limits is
+    off, so that turning it on again finds the same buckets and loop), or None."""
 
     @property
     def hostname(self) -> str:
@@ -93,10 +99,17 @@ def http_context(config: GatewayConfig, reactor: Any, verifier: TokenVerifier | 
 def build_runtime(config: GatewayConfig, reactor: Any, *, directory: ShardDirectory,
                   contexts: ContextCache, verifier: TokenVerifier | None, api_site: APISite,
                   tls_alpn: TLSALPN01Responder, acme: AcmeCertificateSource | None,
-                  previous: Runtime | None = None) -> Runtime:
-    """A Runtime for C{config}; with C{previous}, the state that outlives a reload is carried."""
+                  previous: Runtime | None = None, redis: RedisLink | None = None) -> Runtime:
+    """
+    A Runtime for C{config}; with C{previous}, the state that outlives a reload is carried.
+    With C{redis} (the fleet's link) and C{redis.limits} on, the rate limits are the fleet's.
+    """
     counter = previous.admission.counter if previous is not None else None
-    admission = Admission(config.limits, config.proxy_protocol, reactor.seconds, counter=counter)
+    shared = previous.shared_limits if previous is not None else None
+    if shared is None and redis is not None and config.redis.limits:
+        shared = SharedLimits(redis, reactor)
+    admission = Admission(config.limits, config.proxy_protocol, reactor.seconds, counter=counter,
+                          shared=shared if config.redis.limits else None)
     pool = previous.http.upstream if previous is not None else None
     if pool is not None:
         pool.connect_timeout = config.tcp.connect_timeout
@@ -107,7 +120,7 @@ def build_runtime(config: GatewayConfig, reactor: Any, *, directory: ShardDirect
                            port_filter=port_filter, acme_challenge=tls_alpn.context_for)
     return Runtime(reactor=reactor, config=config, directory=directory, admission=admission,
                    contexts=contexts, http=http, api_site=api_site, tls_alpn=tls_alpn, acme=acme,
-                   policy=policy, port_filter=port_filter, verifier=verifier)
+                   policy=policy, port_filter=port_filter, verifier=verifier, shared_limits=shared)
 
 
 __all__ = ["PortFilters", "Runtime", "build_runtime", "http_context"]

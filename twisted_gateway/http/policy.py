@@ -18,6 +18,7 @@ way it arrives.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -300,7 +301,10 @@ def rate_limit_wait(ctx: HTTPRouteContext, client_ip: str, decision: AuthDecisio
         metrics.HTTP_RATE_LIMITED.labels(key="ip").inc()
         return float(wait)
     if decision is not None and decision.claims is not None and admission.request_rate_token.enabled:
-        subject = str(decision.claims.get("sub") or decision.claims.get("jti") or hash(token()))
+        # A token without sub or jti is keyed by its digest: the same in every gateway process
+        # (hash() is salted per process), so a fleet's shared limit sees one key.
+        subject = str(decision.claims.get("sub") or decision.claims.get("jti") or
+                      hashlib.sha256((token() or "").encode()).hexdigest()[:32])
         wait = admission.request_rate_token.take(subject)
         if wait:
             metrics.HTTP_RATE_LIMITED.labels(key="token").inc()
