@@ -33,14 +33,20 @@ def local_metrics() -> bytes:
     return generate_latest(metrics.REGISTRY)
 
 
-def answer_http01(responder: Any, request: Any, token: str) -> bytes:
-    """The key authorization for an HTTP-01 C{token}, or 404 (RFC 8555 8.3)."""
+def answer_http01(responder: Any, request: Any, token: str) -> Union[bytes, "Deferred[bytes]"]:
+    """The key authorization for an HTTP-01 C{token}, or 404 (RFC 8555 8.3).  A responder in a
+    fleet may answer with a Deferred (the token asked of Redis): so does this."""
     answer = responder.answer(token) if responder is not None else None
-    request.setHeader(b"content-type", b"text/plain")
-    if answer is None:
-        request.setResponseCode(404)
-        return b"no such challenge\n"
-    return answer.encode("ascii")
+
+    def render(found: str | None) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if found is None:
+            request.setResponseCode(404)
+            return b"no such challenge\n"
+        return found.encode("ascii")
+    if isinstance(answer, Deferred):
+        return answer.addCallback(render)
+    return render(answer)
 
 
 class AdminApp:
@@ -59,7 +65,7 @@ class AdminApp:
         self.metrics = metrics
 
     @app.route("/.well-known/acme-challenge/<string:token>", methods=["GET", "HEAD"])
-    def acme_challenge(self, request: Any, token: str) -> bytes:
+    def acme_challenge(self, request: Any, token: str) -> Union[bytes, "Deferred[bytes]"]:
         return answer_http01(self.http01, request, token)
 
     @app.route("/healthz", methods=["GET", "HEAD"])

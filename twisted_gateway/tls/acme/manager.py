@@ -12,6 +12,12 @@ With several worker processes (``--workers N``) each keeps every certificate, bu
 holding the L{IssuerLock} talks to the CA; the others follow the store on disk, answer
 challenges the issuer published on the L{ChallengeBoard}, and pass on-demand names that passed
 their policy to the issuer as requests.
+
+In a fleet on Redis the lock is per certificate (L{RedisIssuanceLock}, C{per_name}): every
+gateway decides what is missing or due, and the one that takes a name's lock orders it (after
+checking, under the lock, that no other gateway stored a fresh one meanwhile); a gateway that
+finds the lock busy waits for the store's notice.  So each name is ordered once for the fleet,
+and every gateway installs what any of them stored.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from zope.interface import implementer
 from twisted_gateway import metrics
 from twisted_gateway.limits import TokenBucket
 from twisted_gateway.tls.acme.client import AcmeIssuer, IssuanceError
+from twisted_gateway.tls.acme.redis_store import LeaseLost
 from twisted_gateway.tls.acme.store import ICertificateStore, StoredCertificate
 from twisted_gateway.tls.contexts import ICertificateSource
 from twisted_gateway.tls.localca import KeyPair
@@ -74,7 +81,11 @@ class AcmeCertificateSource(MultiService):
         self._bucket = TokenBucket(config.on_demand_rate / 60.0, max(1.0, config.on_demand_rate),
                                    reactor.seconds)
         self.lock = lock
-        """An L{IssuerLock}: only its holder issues; None when this process is alone."""
+        """An L{IssuerLock} (only its holder issues), a per-name lock (C{per_name}: the fleet's),
+        or None when this process is alone."""
+        self.per_name = bool(getattr(lock, "per_name", False))
+        self._leases: dict[Names, Any] = {}
+        self._watched: set[Deferred[Any]] = set()
         self.board = board
         self._store_stamp: Any = None
         self._waiters: dict[str, list[Deferred[None]]] = {}
@@ -83,6 +94,9 @@ class AcmeCertificateSource(MultiService):
             self._timers.append(self._timer(sync_interval, self.sync_store, "store sync"))
         for timer in self._timers:
             timer.setServiceParent(self)
+        add_listener = getattr(store, "add_listener", None)
+        if add_listener is not None:
+            add_listener(self.sync_store)  # a certificate another gateway stored: install it now
 
     def _timer(self, interval: float, work: Callable[[], object], what: str) -> TimerService:
         def guarded() -> None:
@@ -98,7 +112,10 @@ class AcmeCertificateSource(MultiService):
         return timer
 
     def may_issue(self) -> bool:
-        """Whether this process is the one that talks to the CA (taking the lock if it is free)."""
+        """Whether this process is the one that talks to the CA (taking the lock if it is free).
+        With per-name locks every gateway may, one name at a time, once its store can write."""
+        if self.per_name:
+            return bool(getattr(self.store, "can_issue", True))
         return self.lock is None or self.lock.acquire()
 
     # -- ICertificateSource -------------------------------------------------------------------
@@ -124,6 +141,8 @@ class AcmeCertificateSource(MultiService):
         for names, d in self._in_flight.items():
             if name in names:
                 waiter: Deferred[None] = Deferred()
+                if self.per_name:
+                    self._watched.add(d)  # kept waiting if the lock turns out busy
 
                 def release(result: object) -> object:
                     waiter.callback(None)
@@ -141,7 +160,9 @@ class AcmeCertificateSource(MultiService):
     def startService(self) -> None:
         # Only the issuing process moves an unreadable certificate aside (another process
         # may be between writing a certificate and its key).
-        for stored in self.store.load_all(quarantine=self.may_issue()):
+        # (The fleet's store replaces a bad local copy itself.)
+        quarantine = False if self.per_name else self.may_issue()
+        for stored in self.store.load_all(quarantine=quarantine):
             self._install(stored)
             self._managed.setdefault(stored.names, self._challenge_for(stored.names))
         if self.config.wildcard:
@@ -153,11 +174,20 @@ class AcmeCertificateSource(MultiService):
             if not any(names[0] == name for names in self._managed):
                 self._managed[(name,)] = self._challenge_for((name,))
         self._store_stamp = self._stamp()
+        start = getattr(self.store, "start", None)
+        if start is not None:
+            start()  # the fleet store's periodic resync
         super().startService()  # the timers: a renewal check now
 
     def stopService(self) -> Any:
         stopped = super().stopService()  # the timers
-        if self.lock is not None:
+        stop = getattr(self.store, "stop", None)
+        if stop is not None:
+            stop()
+        if self.per_name:
+            for lease in list(self._leases.values()):
+                self.lock.release(lease)  # another gateway may take over at once
+        elif self.lock is not None:
             self.lock.release()  # another worker may take over at once
         return stopped
 
@@ -260,13 +290,97 @@ class AcmeCertificateSource(MultiService):
     def _issue(self, names: Names, challenge: str, reason: str) -> Deferred[None]:
         if names in self._in_flight:
             return self._in_flight[names]
+        if not self.per_name:
+            return self._order(names, challenge, reason, None)
+        # The fleet: take the name's lock first; the Deferred covers the attempt and the order.
+        in_flight: Deferred[None] = Deferred()
+        self._in_flight[names] = in_flight
+
+        def settle() -> None:
+            self._watched.discard(in_flight)
+            if self._in_flight.get(names) is in_flight:
+                del self._in_flight[names]
+            if not in_flight.called:
+                in_flight.callback(None)
+
+        def locked(lease: Any) -> Any:
+            if lease is None:
+                # Another gateway orders it (or Redis could not be asked): wait for the store's
+                # notice; the next check tries again, so a dead holder's name is taken over
+                # once its lock expires.
+                del self._in_flight[names]
+                waiting = self._waiters.setdefault(names[0], [])
+                if in_flight in self._watched:  # a handshake waits: until the certificate comes
+                    self._watched.discard(in_flight)
+                    waiting.append(in_flight)
+                else:
+                    in_flight.callback(None)
+                return None
+            self._leases[names] = lease
+            d = cast(Any, self.store).stored_version(names)
+            d.addCallback(decide, lease)
+
+            def unknown(failure: Any) -> None:
+                self._let_go(names, lease)
+                settle()
+            d.addErrback(unknown)
+            return None
+
+        def decide(stored: StoredCertificate | None, lease: Any) -> None:
+            # Under the lock: has another gateway stored a current certificate meanwhile?
+            if stored is not None:
+                current = self._certs.get(names[0])
+                if current is None or current.pair.certificate != stored.pair.certificate:
+                    self._install(stored)
+                    self.log.info("certificate for {names} picked up from the store, valid until "
+                                  "{not_after}", names=", ".join(names),
+                                  not_after=stored.pair.certificate.not_valid_after_utc.isoformat())
+            unreadable = getattr(self.store, "present_but_unreadable", lambda n: False)(names)
+            if unreadable or (stored is not None and time.time() < self._due(stored)):
+                if unreadable:
+                    self.log.error("certificate for {names} is in the fleet's store but its key does "
+                                   "not decrypt here: not ordering over it", names=", ".join(names))
+                self._let_go(names, lease)
+                settle()
+                return
+            order = self._order(names, challenge, reason, lease)
+
+            def ordered(ok: bool) -> None:
+                if ok:
+                    self._let_go(names, lease)
+                else:
+                    # The fleet backs off together: the lock stays until this gateway's retry.
+                    self._let_go(names, lease, hold=self._next_attempt.get(names, 0) - self.reactor.seconds())
+                settle()
+            order.addCallback(ordered)
+
+        self.lock.acquire(names).addCallback(locked)
+        return in_flight
+
+    def _let_go(self, names: Names, lease: Any, hold: float = 0.0) -> None:
+        self._leases.pop(names, None)
+        if hold > 0 and not getattr(lease, "lost", False):
+            self.lock.hold_for(lease, hold)
+        else:
+            self.lock.release(lease)
+
+    def _due(self, stored: StoredCertificate) -> float:
+        lifetime = stored.not_after - stored.not_before
+        return stored.not_before + lifetime * self.config.renew_fraction
+
+    def _order(self, names: Names, challenge: str, reason: str, lease: Any) -> Deferred[Any]:
+        """Run one order in the thread pool; fires True once stored and installed, False when
+        it failed (logged, counted, backed off)."""
         started = self.reactor.seconds()
         self.log.info("requesting a certificate for {names} ({reason}, {challenge})",
                       names=", ".join(names), reason=reason, challenge=challenge)
 
         def run() -> tuple[StoredCertificate, float | None]:
             chain, key = self.issuer.issue(names, challenge)
-            stored = self.store.save(names, chain, key)
+            if lease is None:
+                stored = self.store.save(names, chain, key)
+            else:  # fenced: refused when another gateway took the lock since
+                stored = self.store.save(names, chain, key, lease=lease)
             ari = None
             try:
                 if self.issuer.has_renewal_info():
@@ -282,11 +396,12 @@ class AcmeCertificateSource(MultiService):
             return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), run)
 
         d = self._semaphore.run(in_thread)
-        # What the callbacks added after issued or failed (below) see, as pending()'s do: None.
-        in_flight = cast("Deferred[None]", d)
-        self._in_flight[names] = in_flight
+        # What the callbacks added after issued or failed (below) see: True or False.
+        in_flight = cast("Deferred[Any]", d)
+        if lease is None:
+            self._in_flight[names] = in_flight
 
-        def issued(result: tuple[StoredCertificate, float | None]) -> None:
+        def issued(result: tuple[StoredCertificate, float | None]) -> bool:
             stored, ari = result
             elapsed = self.reactor.seconds() - started
             metrics.ACME_ISSUANCES.labels(challenge=challenge, outcome="success").inc()
@@ -297,20 +412,23 @@ class AcmeCertificateSource(MultiService):
             self.log.info("certificate for {names} issued in {elapsed:.2f}s, valid until {not_after}",
                           names=", ".join(names), elapsed=elapsed,
                           not_after=stored.pair.certificate.not_valid_after_utc.isoformat())
+            return True
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Any) -> bool:
             metrics.ACME_ISSUANCES.labels(challenge=challenge, outcome="failure").inc()
             count = self._failures.get(names, 0) + 1
             self._failures[names] = count
             delay = min(self.config.retry_max, self.config.retry_initial * 2 ** (count - 1))
             delay *= random.uniform(0.5, 1.0)  # jitter: instances do not retry in step
             self._next_attempt[names] = self.reactor.seconds() + delay
-            error = failure.getErrorMessage() if failure.check(IssuanceError) else repr(failure.value)
+            error = failure.getErrorMessage() if failure.check(IssuanceError, LeaseLost) else repr(failure.value)
             self.log.warn("certificate for {names} failed (attempt {count}), retrying in {delay:.0f}s: "
                           "{error}", names=", ".join(names), count=count, delay=delay, error=error)
+            return False
 
         def settled(result: object) -> object:
-            self._in_flight.pop(names, None)
+            if self._in_flight.get(names) is in_flight:
+                del self._in_flight[names]
             return result
         d.addCallbacks(issued, failed)
         in_flight.addBoth(settled)

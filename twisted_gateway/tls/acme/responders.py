@@ -5,13 +5,22 @@ gateway can hold them whether or not ACME is enabled.
 
 Responders are called from the issuing thread (present/cleanup) and read from the reactor
 thread; they only replace whole dictionary entries, which the GIL makes atomic.
+
+Their board is the local L{ChallengeBoard} (this machine's processes) or, in a fleet, the
+L{RedisChallengeBoard}: then an HTTP-01 token missing here is asked of Redis (the answer is a
+Deferred), and a TLS-ALPN-01 handshake, decided synchronously, is answered from the answers the
+issuing gateway pushed before it let the CA validate; on a miss a Redis read starts so that the
+CA's next attempt is answered.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-from typing import Any
+from typing import Any, Union
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -55,11 +64,15 @@ class IResponder(Interface):
         """Withdraw it."""
 
 
+HTTP01Answer = Union[str, None, "Deferred[str | None]"]
+
+
 @implementer(IResponder)
 class HTTP01Responder:
     """Answers ``/.well-known/acme-challenge/<token>`` on the plain port (the admin app)."""
 
     challenge_type = "http-01"
+    log = Logger()
 
     def __init__(self, board: Any = None) -> None:
         self.tokens: dict[str, str] = {}
@@ -78,11 +91,30 @@ class HTTP01Responder:
         if self.board is not None:
             self.board.withdraw("http-01", token)
 
-    def answer(self, token: str) -> str | None:
+    def answer(self, token: str) -> HTTP01Answer:
+        """The key authorization for C{token}: ours, one another process or gateway published,
+        or None; a Deferred when it has to be asked of the fleet's Redis."""
         found = self.tokens.get(token)
-        if found is None and self.board is not None:
-            found = self.board.read("http-01", token)
-        return found
+        if found is not None or self.board is None:
+            return found
+        found = self.board.read("http-01", token)
+        if found is not None:
+            self._answered_for_another(token)
+            return found
+        read_async = getattr(self.board, "read_async", None)
+        if read_async is None:
+            return None
+
+        def got(value: str | None) -> str | None:
+            if value is not None:
+                self._answered_for_another(token)
+            return value
+        d: Deferred[str | None] = read_async("http-01", token)
+        return d.addCallback(got)
+
+    def _answered_for_another(self, token: str) -> None:
+        self.log.info("HTTP-01 challenge {token} answered for another process or gateway "
+                      "(from the shared board)", token=token)
 
 
 @implementer(IResponder)
@@ -129,6 +161,9 @@ class TLSALPN01Responder:
         key_authorization = self.board.read("tls-alpn-01", name)
         if key_authorization is None:
             self._from_board.pop(name, None)
+            prefetch = getattr(self.board, "prefetch", None)
+            if prefetch is not None:
+                prefetch("tls-alpn-01", name)  # the fleet's: for the CA's next attempt
             return None
         cached = self._from_board.get(name)
         if cached is None or cached[0] != key_authorization:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 import attrs
 from cryptography import x509
@@ -43,8 +43,10 @@ class ICertificateStore(Interface):
         """Every readable stored certificate; with C{quarantine}, unreadable ones are moved
         aside so that they are issued again."""
 
-    def save(names: tuple[str, ...], chain_pem: bytes, key_pem: bytes) -> StoredCertificate:
-        """Store a certificate for C{names} (the first is its file name)."""
+    def save(names: tuple[str, ...], chain_pem: bytes, key_pem: bytes, lease: Any = None) -> StoredCertificate:
+        """Store a certificate for C{names} (the first is its file name).  C{lease}: the
+        issuance lock's holding it was ordered under, for a store that fences saves (the
+        fleet's refuses a save whose lock another gateway took since)."""
 
     def account_key(ca_url: str) -> bytes | None:
         """The PEM account key for a CA, if one exists."""
@@ -118,7 +120,8 @@ class DiskCertificateStore:
             out.append(StoredCertificate(cert_names(pair.certificate) or (entry[:-4],), pair))
         return out
 
-    def save(self, names: tuple[str, ...], chain_pem: bytes, key_pem: bytes) -> StoredCertificate:
+    def save(self, names: tuple[str, ...], chain_pem: bytes, key_pem: bytes,
+             lease: Any = None) -> StoredCertificate:
         cert_path, key_path = self._paths(names[0])
         atomic_write(key_path, key_pem, mode=0o600)
         atomic_write(cert_path, chain_pem, mode=0o644)
