@@ -154,6 +154,7 @@ def test_a_shard_written_with_the_tool_routes_on_every_gateway(fleet):
     assert version == 51
     for gw in fleet.gateways:
         wait_for(lambda: gw.metric("gateway_redis_directory_version") == 51, 5, what="version 51")
+        assert gw.metric("gateway_redis_directory_propagation_seconds_count") >= 50
         assert gw.echoes("first-7.localhost") and gw.echoes("p0-7.localhost")
 
     # What one probe (a TLS handshake and an echo) costs by itself: part of every sample.

@@ -359,6 +359,16 @@ def test_two_tasks_claiming_one_label_are_refused(fleet):
     assert link.version == 1
 
 
+def test_a_notice_of_many_ids_is_followed_by_a_full_read(fleet):
+    link, directory, clock, cache, provider, writer = fleet
+    provider.startService()
+    link.come_up()
+    link.evals.clear()
+    result(writer.put([entry(f"s{i}") for i in range(rd.MAX_DELTA + 1)]))
+    assert link.evals == ["read_all", "write", "read_all"]
+    assert len(directory.current()) == rd.MAX_DELTA + 1
+
+
 def test_a_malformed_notice_is_ignored(fleet):
     link, directory, clock, cache, provider, writer = fleet
     provider.startService()
@@ -475,6 +485,10 @@ def test_cli_refuses_with_one_line_and_exit_2(redis_env, tmp_path):
         (("put", str(tmp_path / "missing.json")), server.url, "cannot read"),
         (("rm", "nope"), server.url, "no shard 'nope'"),
         (("import", json.dumps({"shards": [{"id": "x"}]})), server.url, "shards[0]"),
+        (("put", "[]"), server.url, "expected a shard entry"),
+        # Checked before dialling: the same answer with Redis away.
+        (("put", json.dumps(dict(entry("bad"), ports=[{"port": 0}]))), "redis://127.0.0.1:1/0",
+         "shards['bad'].ports[0].port"),
         (("list",), None, "no Redis configured"),
         (("list",), "redis://127.0.0.1:1/0", "Redis unreachable"),
     ]

@@ -112,6 +112,11 @@ return version
 """
 
 
+# Above this many ids a notice is followed by a full read: Lua's unpack() takes at most a few
+# thousand arguments, and one HGETALL is then about as cheap.
+MAX_DELTA = 1000
+
+
 @attrs.frozen
 class DirectoryKeys:
     shards: str
@@ -435,10 +440,14 @@ class RedisDirectoryProvider(Service):
         if notice.version > self.version + 1:
             yield self._full_read("version_gap")
             return
-        if notice.ids is None:  # an import: every entry changed
+        if notice.ids is None or len(notice.ids) > MAX_DELTA:
+            # An import (every entry changed), or more ids than one script call takes.
             yield self._full_read(None)
             return
         ids = list(notice.ids)
+        if not ids:
+            self.version = notice.version
+            return
         reply = yield self.link.eval(READ_SOME, [self.keys.shards, self.keys.version], ids)
         fetched = parse_version(reply[0])
         if fetched != notice.version:
@@ -590,7 +599,8 @@ def run_command(reactor: Any, config: Any, action: str, args: Sequence[str],
     # Validate the input before dialling: a bad file is reported the same with Redis away.
     payload: Any = None
     if action == "put":
-        payload = entries_from_input(_input(args))
+        payload = _wrap(entries_from_input, _input(args))
+        _wrap(snapshot_from_entries, {e["id"]: entry_json(e) for e in payload})
     elif action == "import":
         payload = _input(args)
         _wrap(parse_directory, payload)
