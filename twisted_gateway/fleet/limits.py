@@ -238,6 +238,7 @@ class SharedLimits:
             self.calls += 1
             d = self.link.eval(BUCKET_SCRIPT, keys, args)
             d.addCallbacks(self._settle, self._failed, callbackArgs=(batch,), errbackArgs=(batch, sent))
+            d.addErrback(lambda f: self.log.failure("shared rate limits: handling an answer failed", f))
 
     def _settle(self, levels: Any, batch: list[_Bucket]) -> None:
         self._outstanding -= 1
