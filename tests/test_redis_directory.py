@@ -369,6 +369,25 @@ def test_a_notice_of_many_ids_is_followed_by_a_full_read(fleet):
     assert len(directory.current()) == rd.MAX_DELTA + 1
 
 
+def test_a_version_key_written_by_hand_that_is_no_number_keeps_the_directory(fleet):
+    link, directory, clock, cache, provider, writer = fleet
+    provider.startService()
+    link.come_up()
+    result(writer.put([entry("a")]))
+    link.version = "garbage"  # type: ignore[assignment]
+    events: list[dict] = []
+    from twisted.logger import globalLogPublisher
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock.advance(1.0)
+        link.come_up()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert ids(directory) == {"a"}
+    failed = [e for e in events if "failed, the directory in force stays" in e.get("log_format", "")]
+    assert len(failed) == 2 and not [e for e in events if e.get("log_failure")]
+
+
 def test_a_malformed_notice_is_ignored(fleet):
     link, directory, clock, cache, provider, writer = fleet
     provider.startService()

@@ -52,6 +52,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
+import txredisapi
 import yaml
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
@@ -62,6 +63,7 @@ from twisted.python.failure import Failure
 from twisted_gateway import metrics
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
+from twisted_gateway.fleet.redis import RedisCommandError, RedisUnavailable
 from twisted_gateway.polling import PollingService
 from twisted_gateway.tls.files import atomic_write
 
@@ -158,6 +160,14 @@ def parse_version(value: Any) -> int:
     if value is None or value is False:
         return 0
     return int(value)
+
+
+def parse_time(value: Any) -> float | None:
+    """The ``updated`` key's value (absent, or not a time: None)."""
+    try:
+        return float(value) if value is not None and value is not False else None
+    except ValueError:
+        return None
 
 
 def pairs(flat: Sequence[Any]) -> dict[str, str]:
@@ -402,20 +412,25 @@ class RedisDirectoryProvider(Service):
         d.addErrback(self._failed, getattr(work, "__name__", "reading"))
 
     def _failed(self, failure: Failure, what: str) -> None:
-        from twisted_gateway.fleet.redis import RedisUnavailable
         if failure.check(RedisUnavailable):
             # While the link is down nothing changes; the next on_up reads everything.
             self.log.debug("Redis directory: {what} skipped: {error}", what=what,
                            error=failure.getErrorMessage())
-            return
-        self.log.failure("Redis directory: {what} failed", failure, what=what)
+        elif failure.check(RedisCommandError, txredisapi.TimeoutError, txredisapi.ConnectionError,
+                           ValueError):
+            # A slow or failing Redis, or keys not written by the tool (a version that is not a
+            # number): the directory in force stays; the version check or the next on_up retries.
+            self.log.error("Redis directory: {what} failed, the directory in force stays: {error}",
+                           what=what, error=f"{type(failure.value).__name__}: {failure.getErrorMessage()}")
+        else:
+            self.log.failure("Redis directory: {what} failed", failure, what=what)
 
     @inlineCallbacks
     def _full_read(self, reason: str | None) -> Any:
         self._full_read_queued = False
         reply = yield self.link.eval(READ_ALL, [self.keys.shards, self.keys.version, self.keys.updated], [])
         version = parse_version(reply[0])
-        updated = float(reply[1]) if reply[1] not in (None, False) else None
+        updated = parse_time(reply[1])
         entries = pairs(reply[2] or [])
         if reason is not None:
             metrics.REDIS_DIRECTORY_RESYNCS.labels(reason=reason).inc()
@@ -508,12 +523,11 @@ class RedisDirectoryWriter:
     def read(self) -> Any:
         """Fire with (version, updated or None, {id: JSON})."""
         reply = yield self.link.eval(READ_ALL, self._all_keys(), [])
-        updated = float(reply[1]) if reply[1] not in (None, False) else None
+        updated = parse_time(reply[1])
         return parse_version(reply[0]), updated, pairs(reply[2] or [])
 
     @inlineCallbacks
     def _write(self, expected: int, put: Mapping[str, str], remove: Iterable[str]) -> Any:
-        from twisted_gateway.fleet.redis import RedisCommandError
         remove = list(remove)
         ids = sorted(set(put) | set(remove))
         args: list[Any] = [str(expected), repr(self.clock()), self.keys.changes, json.dumps(ids), len(put)]
@@ -592,7 +606,7 @@ def run_command(reactor: Any, config: Any, action: str, args: Sequence[str],
     ``twistd gateway directory ACTION ARGS``: connect to the configured Redis, do it, print
     the result on C{out}; fail with L{CommandFailed} on any problem.
     """
-    from twisted_gateway.fleet.redis import RedisCommandError, RedisLink, RedisUnavailable
+    from twisted_gateway.fleet.redis import RedisLink
     out = out or sys.stdout
     if not config.redis.enabled:
         raise CommandFailed("directory: no Redis configured (set redis.url in --config, or --redis URL)")
