@@ -223,6 +223,15 @@ def test_local_buckets_are_bounded():
         limiter.take(f"10.1.{i // 256}.{i % 256}")
         clock.advance(0.01)
     assert len(limiter) <= 100
+    # Keys waiting for a call (one is out, unanswered) are bounded too: beyond, spends stay local.
+    shared = SharedLimits(link, clock, max_unsent=10)
+    limiter = shared.limiter("request_ip", 1000.0, 1.0)
+    limiter.take("10.2.0.0")
+    clock.advance(0.05)  # the call that stays out
+    before = fallbacks("request_ip")
+    for i in range(20):
+        limiter.take(f"10.2.1.{i}")
+    assert len(shared._dirty) == 10 and fallbacks("request_ip") == before + 10
     # Long keys (token subjects) become digests in Redis.
     limiter.take("s" * 500)
     assert len(limiter._buckets["s" * 500].redis_key) == len("gateway:limit:request_ip:") + 64
@@ -247,6 +256,12 @@ def test_admission_and_runtime_use_and_carry_the_shared_limits(tmp_path):
     # A limit that is off stays a (disabled) local one.
     assert isinstance(first.admission.request_rate_token, RateLimiter)
     assert first.admission.admit("192.0.2.1") is None
+    # The connection rate is the fleet's too, and falls back (counted) without Redis.
+    before = fallbacks("connection_ip")
+    link.up = False
+    assert [first.admission.admit("192.0.2.1") for _ in range(2)] == [None, "rate_limited"]
+    assert fallbacks("connection_ip") == before + 2
+    link.up = True
     # A reload carries the shared limits (same buckets, one loop) with the new rate...
     faster = attrs.evolve(config, limits=attrs.evolve(config.limits, request_rate_per_ip=7))
     second = runtime(faster, previous=first, redis=link)

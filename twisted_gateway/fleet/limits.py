@@ -5,7 +5,8 @@ in Redis, consulted without a round trip on the hot path.
 Each gateway decides at once from a local copy of every bucket and reconciles it with the
 fleet's bucket asynchronously.  Tokens spent locally are batched per key; every
 L{SharedLimits.interval} (50 ms by default) one EVAL of L{BUCKET_SCRIPT} carries every key that
-spent since the last call (up to L{SharedLimits.batch_keys} keys a call).  In Redis, atomically,
+spent since the last call (up to L{SharedLimits.batch_keys} keys a call; a call is not sent
+while the last one is out, so a slow Redis lengthens the interval).  In Redis, atomically,
 the script refills each bucket by the server's clock (``TIME``), subtracts the tokens the
 gateway spent, and returns the level left; the gateway sets its local bucket to that level,
 less what it spent while the call was out.  A bucket may go below zero: what the fleet
@@ -179,11 +180,14 @@ class SharedLimits:
 
     log = Logger()
 
-    def __init__(self, link: RedisLink, reactor: Any, interval: float = 0.05, batch_keys: int = 512) -> None:
+    def __init__(self, link: RedisLink, reactor: Any, interval: float = 0.05, batch_keys: int = 512,
+                 max_unsent: int = 100_000) -> None:
         self.link = link
         self.reactor = reactor
         self.interval = interval
         self.batch_keys = batch_keys
+        self.max_unsent = max_unsent
+        """Most keys waiting for the next call (while one is out): beyond, spends stay local."""
         self.limiters: dict[str, SharedRateLimiter] = {}
         self._dirty: list[_Bucket] = []
         self._timer: IDelayedCall | None = None
@@ -209,9 +213,13 @@ class SharedLimits:
 
     def spent(self, bucket: _Bucket) -> None:
         """A token of C{bucket} was spent: report it with the next call."""
-        bucket.pending += 1
-        if bucket.pending == 1:
+        if bucket.pending == 0:
+            if len(self._dirty) >= self.max_unsent:
+                # A flood of new keys while Redis is slow: memory stays bounded, this spend local.
+                bucket.limiter._fallbacks.inc()
+                return
             self._dirty.append(bucket)
+        bucket.pending += 1
         self._schedule()
 
     def _schedule(self) -> None:
