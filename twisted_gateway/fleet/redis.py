@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import txredisapi
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
@@ -134,8 +135,16 @@ def retry_delay(attempt: int, initial: float, maximum: float) -> float:
     return min(maximum, initial * math.e ** min(max(attempt - 1, 0), 50)) * random.uniform(0.8, 1.2)
 
 
+def tls_refused(failure: Failure) -> bool:
+    """Whether C{failure} is the TLS handshake refusing the server (its certificate, its name)
+    or the server refusing us: the same every attempt, so it is said at once."""
+    return bool(failure.check(SSL.Error, VerificationError))
+
+
 def describe_failure(failure: Failure) -> str:
     """One line for an operator: why a connection attempt failed or a connection was lost."""
+    if failure.check(VerificationError):
+        return f"TLS: the server's certificate does not match the name checked ({failure.value})"
     if failure.check(SSL.Error):
         args = getattr(failure.value, "args", ())
         reasons = [r[2] for r in (args[0] if args and isinstance(args[0], list) else [])
@@ -239,7 +248,7 @@ class _Dialer:
         self._connecting = None
         if not self.running:
             return
-        self.link._attempt_failed(self, describe_failure(failure), definitive=bool(failure.check(SSL.Error)))
+        self.link._attempt_failed(self, describe_failure(failure), definitive=tls_refused(failure))
         self._retry()
 
     def _retry(self) -> None:
@@ -295,7 +304,7 @@ class _Dialer:
         elif self.running:
             refusal = self._refusal
             self.link._attempt_failed(self, refusal or describe_failure(why),
-                                      definitive=refusal is not None or bool(why.check(SSL.Error)))
+                                      definitive=refusal is not None or tls_refused(why))
         self._retry()
 
     def stop(self) -> Deferred[None]:
