@@ -27,6 +27,7 @@ from twisted_gateway.limits import Admission, parse_networks
 from twisted_gateway.admin import AdminApp
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.file import FileDirectoryProvider
+from twisted_gateway.directory.redis import RedisDirectoryProvider
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.fleet.redis import RedisLink
 from twisted_gateway.frontdoor import ConnectionTracker, FrontDoorFactory
@@ -190,6 +191,7 @@ class Gateway:
         self.tracker = ConnectionTracker()
         self.static_source: StaticFileSource | None = None
         self.directory_provider: FileDirectoryProvider | None = None
+        self.redis_directory: RedisDirectoryProvider | None = None
         ensure_private_dir(config.state_dir)
         # The fleet's link to Redis, when one is configured: the directory, the ACME store and
         # lock and the shared rate limits are built on it below.
@@ -226,12 +228,17 @@ class Gateway:
         self.api_site = api_site(self.api, config.limits.api_max_body_bytes)
         self.runtime = build_runtime(config, reactor, directory=self.directory, contexts=self.contexts,
                                      verifier=verifier, api_site=self.api_site, tls_alpn=self.tls_alpn,
-                                     acme=self.acme)
+                                     acme=self.acme, redis=self.redis)
         self.tls_factory = FrontDoorFactory(self.runtime, self.tracker)
         if config.directory.file is not None:
             self.directory_provider = FileDirectoryProvider(
                 config.directory.file, self.directory, config.directory.poll_interval)
             self.services.append(self.directory_provider)
+        elif self.redis is not None and config.redis.directory:
+            self.redis_directory = RedisDirectoryProvider(
+                self.redis, self.directory, os.path.join(config.state_dir, "directory-cache.json"),
+                config.redis.check_interval, clock=reactor)
+            self.services.append(self.redis_directory)
         else:
             from twisted_gateway.demo import DemoService
             self.services.append(DemoService(reactor, self.directory, self.hostname))
@@ -378,6 +385,8 @@ class Gateway:
             self._apply(new, verifier)
         if self.directory_provider is not None:
             self.directory_provider.check(force=True)
+        if self.redis_directory is not None:
+            self.redis_directory.resync("check")
         if self.static_source is not None:
             self.static_source.reload()
         metrics.CONFIG_RELOADS.labels(outcome="success").inc()
@@ -404,6 +413,12 @@ class Gateway:
         if self.directory_provider is not None and new.directory.file is not None:
             self.directory_provider.path = new.directory.file
             self.directory_provider.set_interval(new.directory.poll_interval)
+        if self.redis_directory is not None:
+            self.redis_directory.set_interval(new.redis.check_interval)
+        if (new.directory.file is None) != (old.directory.file is None) or \
+                new.redis.enabled != old.redis.enabled or new.redis.directory != old.redis.directory:
+            self.log.warn("reload: the directory's source (directory.file, redis.directory) changed "
+                          "and takes effect only after a restart")
         if self.static_source is not None and new.tls.certificate and new.tls.private_key:
             self.static_source.cert_path = new.tls.certificate
             self.static_source.key_path = new.tls.private_key
@@ -416,7 +431,8 @@ class Gateway:
         # The one reference new connections read; open ones keep the Runtime they started with.
         self.runtime = build_runtime(new, self.reactor, directory=self.directory, contexts=self.contexts,
                                      verifier=verifier, api_site=self.api_site, tls_alpn=self.tls_alpn,
-                                     acme=self.acme, previous=self.runtime)
+                                     acme=self.acme, previous=self.runtime,
+                                     redis=self.redis)
         self.tls_factory.runtime = self.runtime
         metrics.configure_routes(new.metrics.per_route, new.metrics.max_routes)
         logs.set_level(self.observer, new.log.level)
