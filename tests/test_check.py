@@ -125,3 +125,13 @@ def test_check_refuses_a_key_that_does_not_match_and_a_bad_listener(workdir):
     assert out.returncode == 2
     assert out.stderr.startswith("gateway: command line: --plain-port: 'carrier-pigeon:1' is not "
                                  "a usable endpoint description")
+
+
+def test_check_names_redis_as_the_directory_and_refuses_a_password_in_the_url(workdir):
+    done = _check(workdir, "--redis", "redis://gw@127.0.0.1:1/0", "--tls-port", "tcp:0", "--plain-port", "tcp:0")
+    assert done.returncode == 0, done.stderr
+    assert "Redis (redis.directory, keys gateway:directory:*)" in done.stdout
+    done = _check(workdir, "--redis", "redis://gw:secret@127.0.0.1:1/0")
+    assert done.returncode == 2
+    assert "put the password in redis.password_file" in done.stderr
+    assert "secret" not in done.stderr.replace("password_file", "")

@@ -311,6 +311,8 @@ class Gateway:
         if self.verifier is not None and self.verifier.jwks is not None and not self.verifier.jwks.loaded:
             reasons.append("JWKS keys not loaded")
         detail: dict[str, Any] = {"reasons": reasons, "shards": len(self.directory.current())}
+        if self.redis_directory is not None:
+            detail["directory_version"] = self.redis_directory.version
         if self.acme is not None:
             # Reported, not fatal: the fallback certificate still serves those names.
             detail["certificates"] = self.acme.problems()

@@ -167,7 +167,10 @@ def check_configuration(config: GatewayConfig, verifier: Any,
     rows.append(("listeners", f"tls {config.listen.tls}, plain {config.listen.plain}"))
     rows.append(("workers", str(config.workers)))
 
-    if config.directory.file is None:
+    if config.directory.file is None and config.redis.enabled and config.redis.directory:
+        # Not dialled: --check reads files only; the gateway routes from Redis (or its cache).
+        rows.append(("directory", f"Redis (redis.directory, keys {config.redis.key_prefix}directory:*)"))
+    elif config.directory.file is None:
         rows.append(("directory", "none: the built-in demo shard (echo-9000)"))
     else:
         try:
