@@ -20,7 +20,7 @@ from support import Gateway, Upstream, request_heads, shard, tempdir, wait_for
 RATE = 10.0   # requests per second per client IP, fleet-wide
 BURST = 5.0
 SYNC = 0.05   # SharedLimits.interval
-ROUND_TRIP = 0.2  # a generous Redis round trip plus scheduling, for the bound
+CALL = 0.2    # a generous time for one script call (send to answer), for the bound
 GATEWAYS = 2
 NAME = "web-8080.localhost"
 
@@ -28,7 +28,7 @@ NAME = "web-8080.localhost"
 def fleet_bound(seconds: float) -> float:
     """The most the fleet may admit per key in C{seconds} (the module's documented bound),
     plus one token for the edges of the measured window."""
-    return BURST + RATE * seconds + (GATEWAYS - 1) * (BURST + RATE * (SYNC + ROUND_TRIP)) + 1
+    return BURST + RATE * seconds + (GATEWAYS - 1) * (BURST + RATE * (SYNC + 2 * CALL)) + 1
 
 
 class CountingUpstream:
@@ -148,8 +148,9 @@ def test_a_per_ip_request_limit_is_shared_by_two_gateways(fleet):
         before = upstream.received
         counts, seconds = send_alternately(clients, 3.0)
         allowed_each = [c.get(200, 0) for c in counts]
-        print(f"Redis down: {allowed_each} allowed in {seconds:.2f}s "
-              f"(one gateway's limit: {BURST + RATE * seconds:.1f})")
+        print(f"Redis down: {allowed_each} allowed of {[sum(c.values()) for c in counts]} in {seconds:.2f}s "
+              f"(one gateway's limit: {BURST + RATE * seconds:.1f}); fallbacks counted: "
+              f"{[gw.metric('gateway_rate_limit_fallbacks_total', limit='request_ip') for gw in gateways]}")
         assert set().union(*counts) <= {200, 429}  # still answered
         for c, gw in zip(counts, gateways):
             assert c.get(429, 0) > 0
@@ -170,7 +171,7 @@ def test_a_per_ip_request_limit_is_shared_by_two_gateways(fleet):
         allowed = sum(c.get(200, 0) for c in counts)
         print(f"Redis back: {allowed} allowed in {seconds:.2f}s, bound {fleet_bound(seconds):.1f}")
         # (Two separate limits would admit at least RATE * seconds each, even from empty buckets.)
-        assert fleet_bound(seconds) < 0.75 * GATEWAYS * RATE * seconds
+        assert fleet_bound(seconds) < 0.8 * GATEWAYS * RATE * seconds
         assert BURST + RATE * seconds * 0.8 <= allowed <= fleet_bound(seconds)
         assert server.cli("EXISTS", "gateway:limit:request_ip:127.0.0.1") == "1"
         assert [gw.metric("gateway_rate_limit_fallbacks_total", limit="request_ip") for gw in gateways] == fallbacks

@@ -15,17 +15,20 @@ admits exactly the configured rate.  A key nobody uses expires (PEXPIRE: the tim
 takes to refill, an absent bucket being a full one), so idle clients leave nothing behind.
 
 Accuracy.  With G gateway processes (each worker process counts) sharing a limit of rate r and
-burst b, sync interval S and Redis round trip t, over any window of T seconds the fleet admits
-per key at most::
+burst b, sync interval S (50 ms) and t the time one script call takes (send to answer), over
+any window of T seconds the fleet admits per key at most::
 
-    b + r * T + (G - 1) * (b + r * (S + t))
+    b + r * T + (G - 1) * (b + r * (S + 2 * t))
 
-that is one fleet-wide bucket plus, at worst, what each other gateway spends in one sync round
-from the level it last saw.  The worst case is a client that reaches every gateway at once while
-its bucket is full (each gateway has a full bucket to spend before it hears of the others);
-under sustained load the level every gateway sees is near zero and the excess is at most
-(G - 1) * r * (S + t), and it is paid back as debt.  Decisions are never late: a refusal's
-Retry-After comes from the local level (the fleet's level, debt included).
+that is one fleet-wide bucket plus, at worst, what each other gateway spends before it hears of
+the others' spends: its bucket's level as it last heard it (at most b) and what refills while
+its knowledge is old (a decision uses a level at most S + 2t old).  The worst case is a client
+that reaches every gateway at once while its bucket is full (each gateway has a full bucket to
+spend); under sustained load the level every gateway hears is near zero and the excess at most
+(G - 1) * r * (S + 2t).  The excess is a debt in Redis that every gateway then sees and waits
+out (refusing), so it does not accumulate, and over a long window the fleet admits the
+configured rate.  One gateway alone (G = 1) admits exactly one bucket's worth.  A refusal's
+Retry-After comes from the local level, the fleet's debt included.
 
 When Redis cannot be consulted (the link is down), each gateway goes on alone from its local
 buckets at the configured rate, and every such decision counts in
