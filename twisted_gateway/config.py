@@ -346,6 +346,115 @@ class RedisConfig:
         return self.url is not None or bool(self.sentinels)
 
 
+def udp_listen(value: Any) -> str:
+    """A UDP listener: a port number or ``udp:PORT[:interface=ADDRESS]`` (L{parse_udp_listen})."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"udp:{value}"
+    if not isinstance(value, str):
+        raise ValueError(f"expected a port number or udp:PORT[:interface=ADDRESS], got {value!r}")
+    if value.isdigit():
+        value = f"udp:{value}"
+    parse_udp_listen(value)
+    return value
+
+
+def parse_udp_listen(description: str) -> tuple[int, str]:
+    """``udp:PORT[:interface=ADDRESS]`` to (port, interface); an IPv6 address's colons are
+    escaped as in Twisted's endpoint descriptions (``interface=\\:\\:1``) or not at all."""
+    import ipaddress
+    import re
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
+    if parts[0] != "udp" or len(parts) < 2 or not parts[1].isdigit() or not 0 <= int(parts[1]) <= 65535:
+        raise ValueError(f"{description!r} is not udp:PORT[:interface=ADDRESS] with a port from 0 to 65535")
+    interface = ""
+    rest = parts[2:]
+    if rest and rest[0].startswith("interface=") and len(rest) > 1 and not rest[-1].startswith("interface="):
+        rest = [":".join(rest)]  # an unescaped IPv6 address
+    for option in rest:
+        key, _, val = option.partition("=")
+        if key != "interface" or not val:
+            raise ValueError(f"{description!r}: unknown option {option!r} (only interface=ADDRESS)")
+        try:
+            ipaddress.ip_address(val)
+        except ValueError:
+            raise ValueError(f"{description!r}: interface {val!r} is not an IP address") from None
+        interface = val
+    return int(parts[1]), interface
+
+
+@attrs.frozen
+class UDPRoute:
+    """One gateway UDP listener and the shard port (``<label>-<port>``, or the pinned
+    ``<label>-<keyBegin>-<rclockBegin>-<port>``, as in SNI) its datagrams go to."""
+
+    listen: str
+    target: str
+
+
+def udp_routes(value: Any) -> tuple[UDPRoute, ...]:
+    from twisted_gateway.names import ShardName, parse_name
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of {{listen, target}} mappings, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"listen", "target"}:
+            raise ValueError(f"routes[{i}]: expected a mapping with exactly listen and target, got {item!r}")
+        try:
+            listen = udp_listen(item["listen"])
+        except ValueError as e:
+            raise ValueError(f"routes[{i}].listen: {e}") from None
+        target = item["target"]
+        if not isinstance(target, str) or not isinstance(parse_name(f"{target}.x", "x"), ShardName):
+            raise ValueError(f"routes[{i}].target: expected <label>-<port> (a shard port, as in the "
+                             f"TLS name), got {target!r}")
+        out.append(UDPRoute(listen, target))
+    if len({r.listen for r in out}) != len(out):
+        raise ValueError("two routes have the same listen")
+    return tuple(out)
+
+
+def quic_listen(value: Any) -> str:
+    if value in ("auto", "off"):
+        return str(value)
+    try:
+        return udp_listen(value)
+    except ValueError:
+        raise ValueError(f"expected auto, off, a port number or udp:PORT[:interface=ADDRESS], "
+                         f"got {value!r}") from None
+
+
+def datagram_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1200 <= value <= 65527:
+        raise ValueError(f"expected a datagram size from 1200 to 65527 bytes, got {value!r}")
+    return value
+
+
+@attrs.frozen
+class UDPConfig:
+    routes: tuple[UDPRoute, ...] = _field(
+        udp_routes, (), "UDP listeners, each relaying to one udp shard port: "
+                        "[{listen: udp:5353:interface=10.0.0.5, target: dns-53}].")
+    idle_timeout: float = _field(positive_number, 60.0, "Seconds without a datagram either way before a session ends.")
+    max_sessions: int = _field(positive_int, 10000, "Sessions (client address and port) per UDP listener; "
+                                                    "a new one evicts the longest idle.")
+    max_datagram_bytes: int = _field(datagram_size, 8192, "Largest datagram relayed either way (larger: dropped).")
+
+
+@attrs.frozen
+class QUICConfig:
+    listen: str = _field(quic_listen, "auto", "QUIC listener: auto (UDP on the TLS listener's address "
+                                              "and port), off, or udp:PORT[:interface=ADDRESS].")
+    idle_timeout: float = _field(positive_number, 60.0, "Seconds without a datagram either way before a flow ends.")
+    max_flows: int = _field(positive_int, 10000, "Flows (client address and port) relayed at once; a new one "
+                                                 "evicts the longest idle.")
+    max_datagram_bytes: int = _field(datagram_size, 4096, "Largest datagram relayed either way (larger: dropped).")
+    pending_datagrams: int = _field(positive_int, 8, "Datagrams buffered per client address while its "
+                                                     "ClientHello is incomplete.")
+    max_pending: int = _field(positive_int, 1000, "Client addresses whose ClientHello is incomplete, at most "
+                                                  "(then new ones are dropped).")
+    pending_timeout: float = _field(positive_number, 5.0, "Seconds a client has to complete its ClientHello.")
+
+
 @attrs.frozen
 class GatewayConfig:
     hostname: str = _field(hostname, "localhost", "The wildcard base name.")
@@ -365,6 +474,8 @@ class GatewayConfig:
     log: LogConfig = attrs.field(factory=LogConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     redis: RedisConfig = attrs.field(factory=RedisConfig)
+    udp: UDPConfig = attrs.field(factory=UDPConfig)
+    quic: QUICConfig = attrs.field(factory=QUICConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
@@ -372,7 +483,7 @@ _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
     "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "limits": LimitsConfig,
     "proxy_protocol": ProxyProtocolConfig, "log": LogConfig, "metrics": MetricsConfig,
-    "redis": RedisConfig,
+    "redis": RedisConfig, "udp": UDPConfig, "quic": QUICConfig,
 }
 
 

@@ -43,6 +43,7 @@ from twisted_gateway.tls.acme.responders import HTTP01Responder, TLSALPN01Respon
 from twisted_gateway.tls.acme.shared import ChallengeBoard
 from twisted_gateway.tls.files import ensure_private_dir
 from twisted_gateway.tls.localca import LocalCA
+from twisted_gateway.udp.service import DatagramService, runs_here
 from twisted_gateway.workers import worker_index
 
 if TYPE_CHECKING:
@@ -255,6 +256,10 @@ class Gateway:
         if verifier is not None and verifier.jwks is not None:
             self.services.append(verifier.jwks)
         self.services += [self.tls_listener, self.plain_listener]
+        # UDP routes and QUIC: in a single process, or in worker 0 of several (udp/service.py).
+        self.datagram = DatagramService(config, reactor, self.directory, self.tls_listener)
+        if runs_here(worker_index()):
+            self.services.append(self.datagram)
 
     def _make_acme(self, fallback: Any) -> Any:
         # Imported here: certbot's acme library (and requests) cost memory nobody without ACME needs.
@@ -436,6 +441,7 @@ class Gateway:
                                      acme=self.acme, previous=self.runtime,
                                      redis=self.redis)
         self.tls_factory.runtime = self.runtime
+        self.datagram.reconfigure(new)
         metrics.configure_routes(new.metrics.per_route, new.metrics.max_routes)
         logs.set_level(self.observer, new.log.level)
         self.log.info("configuration reloaded from {source}", source=new.source)

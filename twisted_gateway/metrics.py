@@ -352,6 +352,96 @@ RATE_LIMIT_FALLBACKS = Counter(
     ["limit"], registry=REGISTRY)
 
 
+# -- UDP routes and QUIC ----------------------------------------------------------------------
+
+UDP_DATAGRAMS = Counter(
+    "gateway_udp_datagrams_total",
+    "Datagrams relayed on UDP routes and QUIC flows, by protocol (udp, quic), the shard's "
+    "hostname label, the port and direction: upstream (client to shard) or downstream (shard "
+    "to client) (pairs past metrics.max_routes are counted under label and port \"other\").",
+    ["protocol", "label", "port", "direction"], registry=REGISTRY)
+
+UDP_BYTES = Counter(
+    "gateway_udp_bytes_total",
+    "Bytes (UDP payload) relayed on UDP routes and QUIC flows, by protocol, label, port and "
+    "direction, as gateway_udp_datagrams_total.",
+    ["protocol", "label", "port", "direction"], registry=REGISTRY)
+
+UDP_SESSIONS = Counter(
+    "gateway_udp_sessions_total",
+    "Sessions opened (a client address and port with its own upstream socket), by protocol "
+    "(udp, quic), label and port.",
+    ["protocol", "label", "port"], registry=REGISTRY)
+
+UDP_SESSIONS_CLOSED = Counter(
+    "gateway_udp_sessions_closed_total",
+    "Sessions ended, by protocol and reason: idle (udp.idle_timeout or quic.idle_timeout), "
+    "evicted (the table was full: udp.max_sessions, quic.max_flows), removed (its UDP route was "
+    "removed by a reload), stopped (the gateway stopped), upstream_error (the upstream socket "
+    "could not be used).",
+    ["protocol", "reason"], registry=REGISTRY)
+
+UDP_SESSIONS_ACTIVE = Gauge(
+    "gateway_udp_sessions_active",
+    "Sessions open, by listener: a UDP route's target (<label>-<port>) or quic.",
+    ["listener"], registry=REGISTRY)
+
+UDP_DROPPED = Counter(
+    "gateway_udp_dropped_total",
+    "Datagrams dropped, by listener (a UDP route's target, or quic) and reason: too_large, "
+    "denied_ip, unknown_shard, unknown_port, no_primary, wrong_protocol, upstream_refused, "
+    "send_failed; and for QUIC not_quic, truncated, not_initial, unsupported_version, "
+    "undersized_initial, decrypt_failed, bad_frames, malformed_client_hello, "
+    "oversized_client_hello, invalid_server_name, no_sni, unknown_name, gateway_host, "
+    "pending_full, pending_timeout, unknown_connection.",
+    ["listener", "reason"], registry=REGISTRY)
+
+QUIC_PENDING = Gauge(
+    "gateway_quic_pending_flows",
+    "Client addresses whose QUIC ClientHello is still incomplete (their datagrams buffered).",
+    registry=REGISTRY)
+
+QUIC_VERSION_NEGOTIATIONS = Counter(
+    "gateway_quic_version_negotiations_total",
+    "Version Negotiation packets the gateway sent to clients whose first Initial named a QUIC "
+    "version it cannot read (it reads versions 1 and 2).",
+    registry=REGISTRY)
+
+ROUTE_FAMILIES = ROUTE_FAMILIES | {"gateway_udp_datagrams", "gateway_udp_bytes", "gateway_udp_sessions"}
+
+
+class DatagramRouteSeries:
+    """One UDP or QUIC route's bound children."""
+
+    __slots__ = ("sessions", "up", "down", "up_bytes", "down_bytes")
+
+    def __init__(self, protocol: str, label: str, port: str) -> None:
+        self.sessions = UDP_SESSIONS.labels(protocol=protocol, label=label, port=port)
+        self.up = UDP_DATAGRAMS.labels(protocol=protocol, label=label, port=port, direction="upstream")
+        self.down = UDP_DATAGRAMS.labels(protocol=protocol, label=label, port=port, direction="downstream")
+        self.up_bytes = UDP_BYTES.labels(protocol=protocol, label=label, port=port, direction="upstream")
+        self.down_bytes = UDP_BYTES.labels(protocol=protocol, label=label, port=port, direction="downstream")
+
+
+_DATAGRAM_SERIES: dict[tuple[str, str, int], DatagramRouteSeries] = {}
+
+
+def datagram_route_series(protocol: str, route: Route) -> DatagramRouteSeries:
+    """The series of C{route}'s UDP or QUIC sessions: its own for the first metrics.max_routes
+    (protocol, label, port) triples, then the shared "other" ones."""
+    key = (protocol, route.shard.hostname_label, route.port.port)
+    series = _DATAGRAM_SERIES.get(key)
+    if series is None:
+        if len(_DATAGRAM_SERIES) < ROUTES.max_routes:
+            series = _DATAGRAM_SERIES[key] = DatagramRouteSeries(protocol, key[1], str(key[2]))
+        else:
+            other = (protocol, OTHER_ROUTE, -1)
+            series = _DATAGRAM_SERIES.get(other)
+            if series is None:
+                series = _DATAGRAM_SERIES[other] = DatagramRouteSeries(protocol, OTHER_ROUTE, OTHER_ROUTE)
+    return series
+
+
 # -- merging several workers' series ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -380,6 +470,10 @@ GAUGE_MERGE: dict[str, Merge] = {
         "min", "0 while any worker has lost Redis (each worker keeps its own connection)"),
     "gateway_redis_directory_version": Merge(
         "min", "the oldest directory version any worker still routes with"),
+    "gateway_udp_sessions_active": Merge(
+        "sum", "each session is in exactly one process (with workers, UDP and QUIC run in worker 0)"),
+    "gateway_quic_pending_flows": Merge(
+        "sum", "each pending flow is in exactly one process"),
 }
 """The merge rule of every gauge in L{REGISTRY}, by family name: a new gauge must declare one
 (tests/test_metrics_merge.py fails otherwise).  Counters and histograms need none: their

@@ -17,7 +17,12 @@ import attrs
 
 from twisted_gateway.names import RouteKey, is_valid_label
 
-PROTOCOLS = ("tcp", "http/1.1", "h2")
+PROTOCOLS = ("tcp", "http/1.1", "h2", "udp", "quic")
+DATAGRAM_PROTOCOLS = ("udp", "quic")
+"""Ports carried over UDP: a ``udp`` port is published on a gateway UDP listener the
+configuration maps to it (udp.routes), a ``quic`` port on the QUIC listener by the SNI of the
+client's Initial.  Their numbers are a namespace of their own: a shard may expose 443 as
+``h2`` (TCP) and 443 as ``quic`` (UDP)."""
 
 
 class DirectoryError(ValueError):
@@ -51,6 +56,11 @@ class ShardPort:
     def target_port(self) -> int:
         return self.upstream_port if self.upstream_port is not None else self.port
 
+    @property
+    def datagram(self) -> bool:
+        """Whether the port is carried over UDP (``udp`` and ``quic``)."""
+        return self.protocol in DATAGRAM_PROTOCOLS
+
 
 @attrs.frozen
 class Shard:
@@ -64,9 +74,10 @@ class Shard:
     rclock_begin: int = 0
     primary: bool = False
 
-    def port(self, number: int) -> ShardPort | None:
+    def port(self, number: int, datagram: bool = False) -> ShardPort | None:
+        """The stream (TCP) port C{number}, or with C{datagram} the UDP one."""
         for p in self.ports:
-            if p.port == number:
+            if p.port == number and p.datagram == datagram:
                 return p
         return None
 
@@ -118,15 +129,19 @@ class DirectorySnapshot:
         self._pinned = {(s.hostname_label, s.key_begin, s.rclock_begin): s for s in self.shards}
         # (label, port) -> (primaries exposing it, any shard exposes it)
         self._ports: dict[tuple[str, int], tuple[tuple[Route, ...], bool]] = {}
+        self._datagram_ports: dict[tuple[str, int], tuple[tuple[Route, ...], bool]] = {}
         for label, shards in self._by_label.items():
-            exposed: dict[int, list[Route]] = {}
-            for s in shards:
-                for p in s.ports:
-                    routes = exposed.setdefault(p.port, [])
-                    if s.primary:
-                        routes.append(Route(s, p))
-            for number, routes in exposed.items():
-                self._ports[(label, number)] = (tuple(routes), True)
+            for datagram, index in ((False, self._ports), (True, self._datagram_ports)):
+                exposed: dict[int, list[Route]] = {}
+                for s in shards:
+                    for p in s.ports:
+                        if p.datagram != datagram:
+                            continue
+                        routes = exposed.setdefault(p.port, [])
+                        if s.primary:
+                            routes.append(Route(s, p))
+                for number, routes in exposed.items():
+                    index[(label, number)] = (tuple(routes), True)
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -137,19 +152,21 @@ class DirectorySnapshot:
     def shard(self, shard_id: str) -> Shard | None:
         return self._by_id.get(shard_id)
 
-    def lookup(self, key: RouteKey, choose: Any = random.choice) -> Route | Refusal:
+    def lookup(self, key: RouteKey, choose: Any = random.choice, datagram: bool = False) -> Route | Refusal:
+        """The route of one reading of a name: to a stream port (tcp, http/1.1, h2), or with
+        C{datagram} to a UDP one (udp, quic)."""
         if key.pin is not None:
             pinned = self._pinned.get((key.label, key.pin[0], key.pin[1]))
             if pinned is None:
                 return Refusal("unknown_shard",
                                f"no shard {key.label} with key {key.pin[0]} and rclock {key.pin[1]}")
-            port = pinned.port(key.port)
+            port = pinned.port(key.port, datagram)
             if port is None:
                 return Refusal("unknown_port", f"shard {pinned.id} does not expose port {key.port}")
             return Route(pinned, port)
         if key.label not in self._by_label:
             return Refusal("unknown_shard", f"no shard has the hostname label {key.label}")
-        entry = self._ports.get((key.label, key.port))
+        entry = (self._datagram_ports if datagram else self._ports).get((key.label, key.port))
         if entry is None:
             return Refusal("unknown_port", f"no shard of {key.label} exposes port {key.port}")
         primaries = entry[0]
@@ -159,11 +176,11 @@ class DirectorySnapshot:
             return primaries[0]
         return choose(primaries)
 
-    def resolve(self, candidates: Iterable[RouteKey]) -> Route | Refusal:
+    def resolve(self, candidates: Iterable[RouteKey], datagram: bool = False) -> Route | Refusal:
         """Look up the most specific reading of a name whose label or pin exists."""
         refusal: Refusal | None = None
         for key in candidates:
-            result = self.lookup(key)
+            result = self.lookup(key, datagram=datagram)
             if isinstance(result, Route):
                 return result
             if refusal is None or (refusal.reason == "unknown_shard" and result.reason != "unknown_shard"):
@@ -229,6 +246,13 @@ def parse_port(doc: Any, where: str) -> ShardPort:
     if tls_passthrough and (protocol != "tcp" or not doc.get("public", False)):
         raise _fail(f"{where}.tls_passthrough", "only public tcp ports can pass TLS through "
                                                 "(the gateway cannot check a client it does not terminate)")
+    if protocol in DATAGRAM_PROTOCOLS:
+        if not doc.get("public", False):
+            raise _fail(f"{where}.public", f"{protocol} ports must be public: true (the gateway "
+                                           f"relays their datagrams and cannot check a token)")
+        for key in ("send_proxy", "max_body_bytes"):
+            if doc.get(key) not in (None, False):
+                raise _fail(f"{where}.{key}", f"does not apply to {protocol} ports")
     return ShardPort(
         port=_int(doc["port"], f"{where}.port", 1, 65535),
         protocol=protocol,
@@ -279,8 +303,9 @@ def parse_shard(doc: Any, where: str) -> Shard:
     if not isinstance(ports_doc, list):
         raise _fail(f"{where}.ports", "expected a list")
     ports = tuple(parse_port(p, f"{where}.ports[{i}]") for i, p in enumerate(ports_doc))
-    if len({p.port for p in ports}) != len(ports):
-        raise _fail(f"{where}.ports", "a port number appears twice")
+    if len({(p.port, p.datagram) for p in ports}) != len(ports):
+        raise _fail(f"{where}.ports", "a port number appears twice (among the TCP ports or "
+                                      "among the udp and quic ports)")
     labels = doc.get("labels", {}) or {}
     if not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
