@@ -408,7 +408,8 @@ def udp_routes(value: Any) -> tuple[UDPRoute, ...]:
             raise ValueError(f"routes[{i}].target: expected <label>-<port> (a shard port, as in the "
                              f"TLS name), got {target!r}")
         out.append(UDPRoute(listen, target))
-    if len({r.listen for r in out}) != len(out):
+    fixed = [r.listen for r in out if parse_udp_listen(r.listen)[0] != 0]
+    if len(set(fixed)) != len(fixed):
         raise ValueError("two routes have the same listen")
     return tuple(out)
 

@@ -67,8 +67,9 @@ class DatagramService(Service):
         self.reactor = reactor
         self.directory = directory
         self.tls_listener = tls_listener
-        self.routes: dict[str, tuple[UDPRouteDoor, Any]] = {}
-        """listen description -> (door, port)"""
+        self.routes: dict[tuple[str, int], tuple[UDPRouteDoor, Any]] = {}
+        """(listen description, its ordinal among equal ones) -> (door, port): routes on port 0
+        may share a description, and are told apart by their order."""
         self.quic: Optional[tuple[QUICDoor, Any, str]] = None
         """(door, port, the address it was bound for)"""
         self.bound = False
@@ -105,13 +106,23 @@ class DatagramService(Service):
         interface = host.host if host.host not in ("0.0.0.0", "::") else ("::" if host.host == "::" else "")
         return host.port, interface
 
-    def _bind_route(self, config: GatewayConfig, listen: str, target: str, fatal: bool) -> None:
-        port, interface = parse_udp_listen(listen)
+    @staticmethod
+    def _keyed(config: GatewayConfig) -> dict[tuple[str, int], str]:
+        """Each route's key (L{routes}) and target."""
+        seen: dict[str, int] = {}
+        out = {}
+        for r in config.udp.routes:
+            n = seen[r.listen] = seen.get(r.listen, -1) + 1
+            out[(r.listen, n)] = r.target
+        return out
+
+    def _bind_route(self, config: GatewayConfig, key: tuple[str, int], target: str, fatal: bool) -> None:
+        port, interface = parse_udp_listen(key[0])
         door = UDPRouteDoor(self.reactor, target_name(target, config.hostname), self.directory,
                             udp_settings(config), policy_of(config), name=target)
         listening = self._bind(door, port, interface, f"udp route {target}", fatal)
         if listening is not None:
-            self.routes[listen] = (door, listening)
+            self.routes[key] = (door, listening)
 
     def _bind_quic(self, config: GatewayConfig, fatal: bool) -> None:
         address = self._quic_address(config)
@@ -130,8 +141,8 @@ class DatagramService(Service):
         if self.bound:
             return
         self.bound = True
-        for route in self.config.udp.routes:
-            self._bind_route(self.config, route.listen, route.target, fatal=True)
+        for key, target in self._keyed(self.config).items():
+            self._bind_route(self.config, key, target, fatal=True)
         self._bind_quic(self.config, fatal=True)
 
     def startService(self) -> None:
@@ -156,16 +167,16 @@ class DatagramService(Service):
         self.config = config
         if not self.bound:
             return
-        wanted = {r.listen: r.target for r in config.udp.routes}
-        for listen in [k for k in self.routes if k not in wanted]:
-            door, port = self.routes.pop(listen)
+        wanted = self._keyed(config)
+        for key in [k for k in self.routes if k not in wanted]:
+            door, port = self.routes.pop(key)
             door.close_all("removed")
             port.stopListening()
-            self.log.info("udp route {target} on {listen} removed", target=door.name, listen=listen)
-        for listen, target in wanted.items():
-            entry = self.routes.get(listen)
+            self.log.info("udp route {target} on {listen} removed", target=door.name, listen=key[0])
+        for key, target in wanted.items():
+            entry = self.routes.get(key)
             if entry is None:
-                self._bind_route(config, listen, target, fatal=False)
+                self._bind_route(config, key, target, fatal=False)
                 continue
             door = entry[0]
             if door.name != target:
