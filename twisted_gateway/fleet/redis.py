@@ -223,6 +223,7 @@ class _Dialer:
         self._connecting: Deferred[Any] | None = None
         self._waiting: Any = None
         self._refusal: str | None = None
+        self._lost_early: Any = None
         self.check_master = False  # through Sentinel: hand on masters only
         self.address: tuple[str, int] | None = None  # what was dialled (through Sentinel)
 
@@ -240,6 +241,11 @@ class _Dialer:
 
     def _connected(self, protocol: Any) -> None:
         self._connecting = None
+        if protocol is self._lost_early:
+            # lost before the endpoint said it was made: a failed attempt like any other
+            self._lost_early = None
+            self._retry()
+            return
         self.protocol = protocol
         if not self.running:
             protocol.transport.abortConnection()
@@ -296,6 +302,8 @@ class _Dialer:
 
     def lost(self, protocol: Any, why: Failure) -> None:
         if protocol is not self.protocol:
+            if self._connecting is not None:
+                self._lost_early = protocol
             return
         self.protocol = None
         was_ready, self.conn = self.conn is not None, None
