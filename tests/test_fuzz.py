@@ -53,7 +53,7 @@ shard_docs = st.fixed_dictionaries({
     "address": st.sampled_from(["127.0.0.1", "::1", "db.internal", "10.1.2.3"]),
     "primary": st.booleans(),
     "ports": st.lists(st.fixed_dictionaries({
-        "port": st.integers(1, 65535), "protocol": st.sampled_from(["tcp", "http/1.1", "h2"]),
+        "port": st.integers(1, 65535), "protocol": st.sampled_from(["tcp", "http/1.1", "h2", "udp", "quic"]),
         "public": st.booleans()}), max_size=3),
 })
 
@@ -161,3 +161,40 @@ def test_front_door_survives_mutated_client_hellos(data):
     proto, transport = _front_door()
     proto.dataReceived(bytes(raw))
     proto.connectionLost(None)
+
+
+# -- the QUIC Initial reader (twisted_gateway/udp/quic.py) --------------------------------------
+
+def _quic_reader_survives(datagrams):
+    from twisted_gateway.clienthello import ClientHello, HelloError, NeedMore
+    from twisted_gateway.udp import quic
+    reader = quic.InitialReader(max_hello_bytes=4096)
+    for datagram in datagrams:
+        try:
+            result = reader.feed(datagram)
+        except quic.QuicDrop as e:
+            assert e.reason and "\n" not in e.reason
+            continue
+        assert isinstance(result, (ClientHello, HelloError, NeedMore))
+        quic.server_connection_ids(datagram)
+
+
+@given(st.lists(st.binary(max_size=1500), max_size=4))
+def test_quic_initial_reader_raises_only_its_drop_on_arbitrary_bytes(datagrams):
+    _quic_reader_survives(datagrams)
+
+
+def _valid_initial() -> bytes:
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_quic_units import RFC9001_CLIENT_INITIAL
+    return RFC9001_CLIENT_INITIAL
+
+
+@given(st.lists(st.tuples(st.integers(0, 1199), st.integers(0, 255)), max_size=6),
+       st.integers(0, 1200))
+def test_quic_initial_reader_on_mangled_real_initials(flips, cut):
+    data = bytearray(_valid_initial())
+    for at, value in flips:
+        data[at] = value
+    _quic_reader_survives([bytes(data[:cut]), bytes(data)])

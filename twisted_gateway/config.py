@@ -415,6 +415,8 @@ def udp_routes(value: Any) -> tuple[UDPRoute, ...]:
 
 
 def quic_listen(value: Any) -> str:
+    if value is False:
+        return "off"  # YAML reads a bare off as false
     if value in ("auto", "off"):
         return str(value)
     try:
