@@ -151,3 +151,73 @@ ns A 127.0.0.1
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+class HoldingProxy:
+    """
+    A loopback TCP port (pebble's httpPort or tlsPort) that holds every connection until
+    L{release} names the port to relay it to: a CA's validation kept waiting mid-order, for as
+    long as a test needs.
+    """
+
+    def __init__(self) -> None:
+        import socket
+        self.port = free_port()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(64)
+        self.accepted = 0
+        self.target: int | None = None
+        self._released = threading.Event()
+        self._closed = False
+        self._sockets: list = [self.sock]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self, target_port: int) -> None:
+        self.target = target_port
+        self._released.set()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._sockets.append(conn)
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn) -> None:
+        import socket
+        if not self._released.wait(120) or self.target is None:
+            conn.close()
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+        except OSError:
+            conn.close()
+            return
+        self._sockets.append(upstream)
+
+        def pipe(src, dst) -> None:
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        pipe(conn, upstream)
+
+    def close(self) -> None:
+        self._closed = True
+        self._released.set()
+        for s in self._sockets:
+            try:
+                s.close()
+            except OSError:
+                pass

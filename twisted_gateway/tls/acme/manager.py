@@ -23,6 +23,7 @@ and every gateway installs what any of them stored.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Any, Callable, cast
 from urllib.parse import quote
@@ -86,6 +87,7 @@ class AcmeCertificateSource(MultiService):
         self.per_name = bool(getattr(lock, "per_name", False))
         self._leases: dict[Names, Any] = {}
         self._watched: set[Deferred[Any]] = set()
+        self._account_lock = threading.Lock()
         self.board = board
         self._store_stamp: Any = None
         self._waiters: dict[str, list[Deferred[None]]] = {}
@@ -376,6 +378,10 @@ class AcmeCertificateSource(MultiService):
                       names=", ".join(names), reason=reason, challenge=challenge)
 
         def run() -> tuple[StoredCertificate, float | None]:
+            with self._account_lock:
+                # Two first orders at once would each create an account, and one would answer
+                # its challenges with the other's key: the account is set up once, here.
+                self.issuer.client()
             chain, key = self.issuer.issue(names, challenge)
             if lease is None:
                 stored = self.store.save(names, chain, key)
