@@ -80,9 +80,12 @@ def make_certificates(directory: str, names: list[str]) -> dict[str, Any]:
 class H3Server:
     """An aioquic HTTP/3 server subprocess on 127.0.0.1."""
 
-    def __init__(self, cert: str, key: str, ident: str) -> None:
+    def __init__(self, cert: str, key: str, ident: str, *options: str) -> None:
+        """C{options}: ``retry`` (answer every first Initial with a Retry), ``v1`` (support
+        QUIC v1 only, so a v2 client gets Version Negotiation), ``v2`` (QUIC v2 only)."""
         self.ident = ident
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", cert, key, ident],
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", cert, key, ident,
+                                      *options],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # the server prints READY at once, or exits
@@ -104,7 +107,7 @@ class H3Server:
                 stream.close()
 
 
-def _serve(cert: str, key: str, ident: str) -> None:
+def _serve(cert: str, key: str, ident: str, *options: str) -> None:
     from aioquic.asyncio import QuicConnectionProtocol, serve
     from aioquic.h3.connection import H3_ALPN, H3Connection
     from aioquic.h3.events import HeadersReceived
@@ -138,6 +141,7 @@ def _serve(cert: str, key: str, ident: str) -> None:
                     "ident": ident,
                     "alpn": quic.tls.alpn_negotiated,
                     "client_max_idle_timeout": quic._remote_max_idle_timeout,
+                    "version": quic._version,
                     "server_name": quic.tls.client_server_name if hasattr(quic.tls, "client_server_name") else None,
                 }).encode()
             self.h3.send_headers(event.stream_id, [(b":status", b"200"),
@@ -147,8 +151,13 @@ def _serve(cert: str, key: str, ident: str) -> None:
 
     async def main() -> None:
         configuration = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN, idle_timeout=30)
+        if "v1" in options:
+            configuration.supported_versions = [0x00000001]
+        if "v2" in options:
+            configuration.supported_versions = [0x6B3343CF]
         configuration.load_cert_chain(cert, key)
-        server = await serve("127.0.0.1", 0, configuration=configuration, create_protocol=Handler)
+        server = await serve("127.0.0.1", 0, configuration=configuration, create_protocol=Handler,
+                             retry="retry" in options)
         port = server._transport.get_extra_info("sockname")[1]
         print(f"READY {port}", flush=True)
         await asyncio.Event().wait()
@@ -159,7 +168,7 @@ def _serve(cert: str, key: str, ident: str) -> None:
 # -- the client ---------------------------------------------------------------------------------
 
 async def _h3_get(port: int, server_name: str, path: str, cafile: str, idle_timeout: float,
-                  extra_alpn: list[str], local_port: int) -> tuple[int, bytes]:
+                  extra_alpn: list[str], local_port: int, version: int | None) -> tuple[int, bytes]:
     from aioquic.asyncio import QuicConnectionProtocol, connect
     from aioquic.h3.connection import H3_ALPN, H3Connection
     from aioquic.h3.events import DataReceived, HeadersReceived
@@ -198,6 +207,8 @@ async def _h3_get(port: int, server_name: str, path: str, cafile: str, idle_time
                                       server_name=server_name, idle_timeout=idle_timeout)
     configuration.load_verify_locations(cafile)
     configuration.verify_mode = ssl.CERT_REQUIRED
+    if version is not None:
+        configuration.original_version = version
     async with connect("127.0.0.1", port, configuration=configuration, create_protocol=Client,
                        wait_connected=True, local_port=local_port) as client:
         assert isinstance(client, Client)
@@ -206,15 +217,16 @@ async def _h3_get(port: int, server_name: str, path: str, cafile: str, idle_time
 
 def h3_get(port: int, server_name: str, path: str, cafile: str, timeout: float = 15,
            idle_timeout: float = 7.25, extra_alpn: list[str] | None = None,
-           local_port: int = 0) -> tuple[int, bytes]:
+           local_port: int = 0, version: int | None = None) -> tuple[int, bytes]:
     """GET C{path} over HTTP/3 from 127.0.0.1:C{port} with SNI C{server_name}, verifying the
     server's certificate against C{cafile}; raise on failure or after C{timeout} seconds."""
     async def bounded() -> tuple[int, bytes]:
         return await asyncio.wait_for(
-            _h3_get(port, server_name, path, cafile, idle_timeout, extra_alpn or [], local_port), timeout)
+            _h3_get(port, server_name, path, cafile, idle_timeout, extra_alpn or [], local_port, version),
+            timeout)
     return asyncio.run(bounded())
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
-        _serve(*sys.argv[2:5])
+        _serve(*sys.argv[2:])

@@ -187,3 +187,36 @@ def test_the_flow_table_bound_and_the_idle_timeout_hold(start_gateway, servers):
     finally:
         for s in sockets:
             s.close()
+
+
+QUIC_V2 = 0x6B3343CF
+
+
+def test_quic_v2_version_negotiation_and_retry_from_the_shard_pass_through(start_gateway, workdir):
+    import json
+    names = ["v2-443.localhost", "vn-443.localhost", "retry-443.localhost"]
+    certs = make_certificates(workdir, names)
+    v2 = H3Server(*certs[names[0]], "v2", "v2")
+    vn = H3Server(*certs[names[1]], "vn", "v1")  # a v2 client gets Version Negotiation from it
+    retry = H3Server(*certs[names[2]], "retry", "retry")
+    try:
+        gw = start_gateway(shards=[quic_shard("s-v2", "v2", v2), quic_shard("s-vn", "vn", vn),
+                                   quic_shard("s-retry", "retry", retry)])
+        port = udp_port(gw)
+        status, body = h3_get(port, names[0], "/who", certs["ca"], version=QUIC_V2)
+        who = json.loads(body)
+        assert status == 200 and (who["ident"], who["version"]) == ("v2", QUIC_V2)
+        # The v2 Initial was routed; the shard's Version Negotiation went back on the flow and
+        # the client's v1 Initial that followed, from the same address, reached the same shard.
+        status, body = h3_get(port, names[1], "/who", certs["ca"], version=QUIC_V2)
+        assert status == 200 and json.loads(body)["ident"] == "vn" and json.loads(body)["version"] == 1
+        # The shard's Retry went back and the client's second Initial (a new destination
+        # connection ID, the Retry's token) followed on the same flow.
+        status, body = h3_get(port, names[2], "/who", certs["ca"])
+        assert status == 200 and json.loads(body)["ident"] == "retry"
+        for label in ("v2", "vn", "retry"):
+            assert gw.metric("gateway_udp_sessions_total", protocol="quic", label=label, port="443") == 1
+    finally:
+        for server in (v2, vn, retry):
+            server.stop()
+
