@@ -89,7 +89,7 @@ def test_directory_validation_errors():
     cases = [
         ({"shards": [dict(good, extra=1)]}, "shards[0].extra: unknown key"),
         ({"shards": [dict(good, ports=[{"port": 70000}])]}, "shards[0].ports[0].port: expected an integer"),
-        ({"shards": [dict(good, ports=[{"port": 1, "protocol": "udp"}])]}, "shards[0].ports[0].protocol"),
+        ({"shards": [dict(good, ports=[{"port": 1, "protocol": "sctp"}])]}, "shards[0].ports[0].protocol"),
         ({"shards": [dict(good, hostname_label="Bad_Label")]}, "shards[0].hostname_label"),
         ({"shards": [{k: v for k, v in good.items() if k != "task"}]}, "shards[0].task: missing"),
         ({"shards": [good, good]}, "shard id 'a' appears twice"),
