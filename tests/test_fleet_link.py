@@ -238,6 +238,11 @@ def test_command_timeout_drops_and_redials(redis_env) -> None:
         state = link.wait(lambda s: not s["up"], 5, what="link down after the timeout")
         assert state["errors"]["timeout"] == 1
         assert link.execute("GET", "gateway:k")["error"] == "RedisUnavailable"
+        # A redial meanwhile connects (the kernel accepts) but SELECT gets no answer: not a
+        # refusal, so no second line.
+        link.wait(lambda s: "could not set dbid" in s["readiness"].get("last_error", ""), 10,
+                  what="a redial timing out")
+        assert len(error_lines(link)) == 1, error_lines(link)
     finally:
         server.proc.send_signal(signal.SIGCONT)
     link.wait(lambda s: s["up"] and s["subscribed"], 10, what="link back")

@@ -200,6 +200,11 @@ class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
         self.dialer.refused(why)
 
 
+# txredisapi's ConnectionError texts: AUTH or SELECT failed for want of an answer, which says
+# nothing about the credentials (a hung server, a connection lost meanwhile).
+_NOT_A_REFUSAL = ("Not received Redis response", "Lost connection", "Not connected")
+
+
 class _Dialer:
     """
     One connection kept up: dial, and after a failed attempt or a lost connection wait
@@ -222,7 +227,8 @@ class _Dialer:
         self.conn: Any = None  # the protocol once ready (AUTH, SELECT done)
         self._connecting: Deferred[Any] | None = None
         self._waiting: Any = None
-        self._refusal: str | None = None
+        self._refusal: str | None = None  # why AUTH or SELECT failed, in this attempt
+        self._refused = False  # whether Redis refused them (not merely failed to answer)
         self._lost_early: Any = None
         self.check_master = False  # through Sentinel: hand on masters only
         self.address: tuple[str, int] | None = None  # what was dialled (through Sentinel)
@@ -297,8 +303,10 @@ class _Dialer:
         return f"{self.address[0]}:{self.address[1]}" if self.address else "the server"
 
     def refused(self, why: str) -> None:
+        # txredisapi's text: "Redis error: could not auth: <Redis's answer, or a timeout>"
         if self.protocol is not None and self.protocol.connected:
             self._refusal = why.replace("Redis error: ", "")
+            self._refused = not any(transient in why for transient in _NOT_A_REFUSAL)
 
     def lost(self, protocol: Any, why: Failure) -> None:
         if protocol is not self.protocol:
@@ -312,7 +320,7 @@ class _Dialer:
         elif self.running:
             refusal = self._refusal
             self.link._attempt_failed(self, refusal or describe_failure(why),
-                                      definitive=refusal is not None or tls_refused(why))
+                                      definitive=self._refused if refusal else tls_refused(why))
         self._retry()
 
     def stop(self) -> Deferred[None]:
