@@ -203,3 +203,22 @@ def test_redis_stopped_every_gateway_keeps_its_certificates_and_a_restart_serves
     assert status == 200 and "redis" in body
     orders = f.pebble.count("Added order")
     assert orders == 1
+
+
+def test_tls_alpn01_validation_answered_by_a_gateway_that_did_not_order(fleet, echo_upstream):
+    ports = {key: (free_port(), free_port()) for key in ("a", "b")}
+    # pebble's TLS-ALPN-01 validations reach gateway b's TLS port; the name is first seen by a.
+    f = fleet(http_port=ports["b"][1], tls_port=ports["b"][0],
+              shards=[shard("t", "tango", 9000, echo_upstream.port)], challenge="tls-alpn-01",
+              on_demand="directory", on_demand_wait=30)
+    f.ports = ports
+    b = f.start("b")
+    a = f.start("a")
+    name = "tango-9000.localhost"
+    assert wait_for(lambda: pebble_serial(a, name), 60, what="on-demand certificate on a")
+    wait_for(lambda: same_serial_everywhere([a, b], name), 10, what="served by both")
+    assert ordered_by(f.gateways, name) == ["a"]
+    # b answered the validation handshakes from the answer a pushed before the CA validated.
+    assert b.metric("gateway_acme_tls_alpn_handshakes_total") >= 1
+    assert a.metric("gateway_acme_tls_alpn_handshakes_total") == 0
+    assert f.pebble.count("Added order") == 1
