@@ -566,7 +566,7 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
     redis = config.redis
     if redis.sentinels and (redis.tls_ca or (redis.url or "").startswith("rediss://")):
         raise ConfigError(source, "redis.sentinels", "TLS to a master found through Sentinel is not "
-                          "supported (txredisapi dials it in the clear); use a plain URL or no sentinels")
+                          "supported; use sentinels without TLS, or TLS to one address")
     if redis.enabled and redis.acme and acme.enabled and not redis.acme_key_file:
         raise ConfigError(source, "redis.acme_key_file", "keeping ACME keys in Redis needs a Fernet key "
                           "file to encrypt them (or set redis.acme: false)")
