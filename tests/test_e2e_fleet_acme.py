@@ -171,6 +171,8 @@ def test_a_lock_holder_killed_mid_order_is_taken_over_after_its_lock_expires(fle
         takers = [key for key in ordered_by(f.gateways, name) if key != holder[0]]
         assert len(takers) == 1, takers
         taker = f.gateways[takers[0]]
+        # It took the name's lock once the dead holder's expired: the next fencing number.
+        assert taker.logged(f"ACME lock for {name} acquired (fencing number 2)")
         assert taker.metric("gateway_acme_issuances_total", challenge="http-01", outcome="success") == 1
         assert sum(gw.metric("gateway_acme_issuances_total", challenge="http-01", outcome="success")
                    for gw in survivors) == 1

@@ -477,6 +477,8 @@ class RedisCertificateStore:
             return self._resyncing
         if not self.link.up:
             return succeed(None)
+        if self.key_ok is None:
+            self._check_key()  # the check at link-up did not get an answer: ask again
         d = self.link.execute("HGETALL", self.link.key("acme", "certs"))
 
         def listed(reply: Any) -> Deferred[Any]:
