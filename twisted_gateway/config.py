@@ -339,6 +339,7 @@ class RedisConfig:
     directory: bool = _field(boolean, True, "Read the shard directory from Redis (when directory.file is unset).")
     acme: bool = _field(boolean, True, "Keep ACME certificates, account, challenges and the issuance lock in Redis.")
     acme_key_file: str | None = _field(optional_path, None, "Fernet key file that encrypts private keys kept in Redis (required with redis.acme and acme.enabled).")
+    acme_lock_ttl: float = _field(positive_number, 60.0, "Seconds an ACME issuance lock lives unless its holder renews it (every third of it); a dead holder's lock expires after this.")
     limits: bool = _field(boolean, True, "Share the per-IP and per-token rate limits through Redis.")
 
     @property

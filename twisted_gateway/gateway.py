@@ -215,7 +215,12 @@ class Gateway:
             source = LocalCASource(self.local_ca, self.hostname)
         # With ACME on, challenge answers are also written to the state directory, so any
         # worker process (and the supervisor's plain port) can answer the CA's validation.
-        board = ChallengeBoard(config.state_dir) if config.acme.enabled else None
+        board: Any = ChallengeBoard(config.state_dir) if config.acme.enabled else None
+        if board is not None and self.redis is not None and config.redis.acme:
+            # A fleet: answers are also published in Redis, so whichever gateway the CA reaches
+            # answers (tls/acme/redis_store.py).
+            from twisted_gateway.tls.acme.redis_store import RedisChallengeBoard
+            board = RedisChallengeBoard(board, self.redis, reactor)
         self.http01 = HTTP01Responder(board)
         self.tls_alpn = TLSALPN01Responder(board)
         self.acme: AcmeCertificateSource | None = None
@@ -269,7 +274,18 @@ class Gateway:
         from twisted_gateway.tls.acme.shared import IssuerLock
         from twisted_gateway.tls.acme.store import DiskCertificateStore
         acme = self.config.acme
-        store = DiskCertificateStore(self.config.state_dir)
+        store: Any
+        lock: Any
+        if self.redis is not None and self.config.redis.acme:
+            # A fleet: certificates in Redis (keys encrypted, a local copy on disk), one order
+            # per name for the fleet under a per-name lock.
+            from twisted_gateway.tls.acme.redis_store import RedisCertificateStore, RedisIssuanceLock
+            store = RedisCertificateStore(self.redis, self.reactor, self.config.state_dir,
+                                          self.config.redis.acme_key_file)
+            lock = RedisIssuanceLock(self.redis, self.reactor, ttl=self.config.redis.acme_lock_ttl)
+        else:
+            store = DiskCertificateStore(self.config.state_dir)
+            lock = IssuerLock(self.config.state_dir)
         responders: dict[str, Any] = {"http-01": self.http01, "tls-alpn-01": self.tls_alpn}
         if acme.dns_provider == "exec" and acme.dns_exec:
             responders["dns-01"] = ExecResponder(acme.dns_exec, acme.dns_propagation_timeout)
@@ -280,7 +296,7 @@ class Gateway:
                 acme.tsig_algorithm, propagation_timeout=acme.dns_propagation_timeout)
         issuer = AcmeIssuer(acme.ca_server, acme.email, acme.key_type, acme.ca_bundle, store, responders)
         return AcmeCertificateSource(self.reactor, issuer, store, fallback, acme, self.hostname,
-                                     self.name_is_routable, lock=IssuerLock(self.config.state_dir),
+                                     self.name_is_routable, lock=lock,
                                      board=self.http01.board)
 
     def name_is_routable(self, name: str) -> bool:
