@@ -345,6 +345,12 @@ ACME_LOCK_EVENTS = Counter(
     "unavailable (Redis could not be asked).",
     ["event"], registry=REGISTRY)
 
+ACME_STORE_DECRYPT_FAILURES = Counter(
+    "gateway_acme_store_decrypt_failures_total",
+    "Keys in the fleet's ACME store (or its key check) that redis.acme_key_file does not decrypt: "
+    "this gateway's key file is not the fleet's.",
+    registry=REGISTRY)
+
 RATE_LIMIT_FALLBACKS = Counter(
     "gateway_rate_limit_fallbacks_total",
     "Rate-limit decisions made with the local limits because the shared (Redis) ones could not "

@@ -432,6 +432,7 @@ class RedisCertificateStore:
             return self.fernet.decrypt(token.encode("ascii"))
         except (InvalidToken, ValueError):
             self.decrypt_failures += 1
+            metrics.ACME_STORE_DECRYPT_FAILURES.inc()
             self.log.error("{what} in Redis does not decrypt with redis.acme_key_file (a key file "
                            "other than the fleet's?); treated as missing here", what=what)
             return None
@@ -453,6 +454,7 @@ class RedisCertificateStore:
                 ok = False
             if not ok and self.key_ok is not False:
                 self.decrypt_failures += 1
+                metrics.ACME_STORE_DECRYPT_FAILURES.inc()
                 self.log.error("redis.acme_key_file does not decrypt the fleet's ACME keys in Redis "
                                "(another key file?): this gateway serves its local copies and the "
                                "fallback, and neither issues nor writes to the fleet's store")
