@@ -459,6 +459,55 @@ class QUICConfig:
     pending_timeout: float = _field(positive_number, 5.0, "Seconds a client has to complete its ClientHello.")
 
 
+def https_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("https://") or len(value) <= len("https://"):
+        raise ValueError(f"expected an https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def region_map(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ValueError(f"expected a mapping of region names to https:// base URLs, got {value!r}")
+    out = []
+    for region, url in sorted(value.items()):
+        try:
+            out.append((region, https_url(url) or ""))
+        except ValueError as e:
+            raise ValueError(f"region {region!r}: {e}") from None
+        if not out[-1][1]:
+            raise ValueError(f"region {region!r}: expected an https:// URL, got None")
+    return tuple(out)
+
+
+@attrs.frozen
+class CloudConfig:
+    token_file: str | None = _field(optional_path, None, "File holding the cloud token (a JWT minted by the control plane); set, the gateway links to the control plane.")
+    token_key: str | None = _field(optional_path, None, "The control plane's public key (PEM, RS256 or ES256) or JWKS file the cloud token is verified with; unset: the control plane's JWKS at <base URL>/jwks.json, fetched at start and kept in state_dir.")
+    regions: tuple[tuple[str, str], ...] = _field(region_map, (), "Control-plane base URL of each region a cloud token may name: {eu: https://eu.cp.example.com}.")
+    url: str | None = _field(https_url, None, "Control-plane base URL used whatever the token's region (an explicit override of cloud.regions).")
+    ca_bundle: str | None = _field(optional_path, None, "PEM CA bundle the control plane's HTTPS certificate must chain to (default: the system's).")
+    audience: str = _field(optional_str, "twisted-gateway", "The aud claim a cloud token must carry.")
+    leeway: float = _field(non_negative_number, 30.0, "Seconds of clock skew allowed for the cloud token's exp and iat.")
+    expiry_warning: float = _field(positive_number, 7 * 86400.0, "Seconds before the cloud token's expiry from which it is reported as expiring (log, /readyz).")
+    directory: bool = _field(boolean, True, "Take the shard directory from the control plane's /sync (when directory.file is unset).")
+    settings: bool = _field(boolean, True, "Apply the settings /sync delivers (user-token keys, sign-in URL, limits) over the configuration file's.")
+    sync_wait: float = _field(positive_number, 25.0, "Seconds a /sync long poll may wait for a change before the control plane answers 304.")
+    request_timeout: float = _field(positive_number, 10.0, "Seconds for the control plane to answer a request (beyond sync_wait for /sync).")
+    retry_initial: float = _field(positive_number, 0.5, "First delay before retrying /sync or /reports after a failure (doubles, with jitter).")
+    retry_max: float = _field(positive_number, 30.0, "Longest delay between retries.")
+    reports: bool = _field(boolean, True, "Send one report record per proxied request and per TCP connection to /reports.")
+    batch_records: int = _field(positive_int, 500, "Records per report batch, at most (a full batch is sent at once).")
+    batch_interval: float = _field(positive_number, 1.0, "Seconds a record waits, at most, before its batch is sealed and sent.")
+    spool_bytes: int = _field(positive_int, 64 * 1024 * 1024, "Bytes of compressed batches kept on disk while the control plane is away (per gateway process); beyond, the oldest are dropped.")
+    flush_timeout: float = _field(non_negative_number, 5.0, "Seconds spent sending spooled batches on SIGTERM (what is left stays in the spool for the next start).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.token_file is not None
+
+
 @attrs.frozen
 class GatewayConfig:
     hostname: str = _field(hostname, "localhost", "The wildcard base name.")
@@ -480,6 +529,7 @@ class GatewayConfig:
     redis: RedisConfig = attrs.field(factory=RedisConfig)
     udp: UDPConfig = attrs.field(factory=UDPConfig)
     quic: QUICConfig = attrs.field(factory=QUICConfig)
+    cloud: CloudConfig = attrs.field(factory=CloudConfig)
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
 
@@ -487,7 +537,7 @@ _SECTIONS: dict[str, type] = {
     "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
     "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "limits": LimitsConfig,
     "proxy_protocol": ProxyProtocolConfig, "log": LogConfig, "metrics": MetricsConfig,
-    "redis": RedisConfig, "udp": UDPConfig, "quic": QUICConfig,
+    "redis": RedisConfig, "udp": UDPConfig, "quic": QUICConfig, "cloud": CloudConfig,
 }
 
 
@@ -571,6 +621,13 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
     if redis.enabled and redis.acme and acme.enabled and not redis.acme_key_file:
         raise ConfigError(source, "redis.acme_key_file", "keeping ACME keys in Redis needs a Fernet key "
                           "file to encrypt them (or set redis.acme: false)")
+    cloud = config.cloud
+    if cloud.enabled and not cloud.regions and cloud.url is None:
+        raise ConfigError(source, "cloud.regions", "a cloud token needs the control plane's base URL: "
+                          "set cloud.regions (by the token's region) or cloud.url")
+    if cloud.enabled and cloud.reports and not config.log.access_log:
+        raise ConfigError(source, "cloud.reports", "report records are made from the access log's "
+                          "events: keep log.access_log on, or set cloud.reports: false")
     # Relative paths in the file are relative to the file's directory.
     if path_ is not None:
         base = os.path.dirname(os.path.abspath(path_))
@@ -596,6 +653,10 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
         for key in ("password_file", "tls_ca", "acme_key_file"):
             if key in redis_doc:
                 config = attrs.evolve(config, redis=attrs.evolve(config.redis, **{key: rel(getattr(config.redis, key))}))
+        cloud_doc = doc.get("cloud") or {}
+        for key in ("token_file", "token_key", "ca_bundle"):
+            if key in cloud_doc:
+                config = attrs.evolve(config, cloud=attrs.evolve(config.cloud, **{key: rel(getattr(config.cloud, key))}))
         if "state_dir" in doc and "state_dir" not in (overrides or {}):
             config = attrs.evolve(config, state_dir=rel(config.state_dir))
     return attrs.evolve(config, source=source)

@@ -47,6 +47,9 @@ from twisted_gateway.udp.service import DatagramService, runs_here
 from twisted_gateway.workers import worker_index
 
 if TYPE_CHECKING:
+    from twisted_gateway.cloud.reports import ReportService
+    from twisted_gateway.cloud.sync import SyncProvider, SyncSettings
+    from twisted_gateway.cloud.token import CloudIdentity, Credentials
     from twisted_gateway.tls.acme.manager import AcmeCertificateSource
 
 
@@ -179,7 +182,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, reactor: Any = None,
                  verifier: TokenVerifier | None = None,
-                 reload_from: tuple[str | None, dict[str, Any]] | None = None) -> None:
+                 reload_from: tuple[str | None, dict[str, Any]] | None = None,
+                 cloud: Credentials | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -236,10 +240,13 @@ class Gateway:
                                      verifier=verifier, api_site=self.api_site, tls_alpn=self.tls_alpn,
                                      acme=self.acme, redis=self.redis)
         self.tls_factory = FrontDoorFactory(self.runtime, self.tracker)
+        self._make_cloud(cloud)
         if config.directory.file is not None:
             self.directory_provider = FileDirectoryProvider(
                 config.directory.file, self.directory, config.directory.poll_interval)
             self.services.append(self.directory_provider)
+        elif self.cloud_sync is not None and self.cloud_sync.directory is not None:
+            pass  # the control plane's directory (/sync), added by _make_cloud
         elif self.redis is not None and config.redis.directory:
             self.redis_directory = RedisDirectoryProvider(
                 self.redis, self.directory, os.path.join(config.state_dir, "directory-cache.json"),
@@ -265,6 +272,50 @@ class Gateway:
         self.datagram = DatagramService(config, reactor, self.directory, self.tls_listener)
         if runs_here(worker_index()):
             self.services.append(self.datagram)
+
+    def _make_cloud(self, credentials: Credentials | None) -> None:
+        """The hybrid link (docs/cloud.md): the cloud token, /sync (the directory when no
+        directory file is set, and the settings the control plane owns), /reports."""
+        self.cloud_identity: CloudIdentity | None = None
+        self.cloud_sync: SyncProvider | None = None
+        self.cloud_reports: ReportService | None = None
+        self.cloud_settings: SyncSettings | None = None
+        self.file_config = self.config  # the configuration without the control plane's settings
+        cloud = self.config.cloud
+        if not cloud.enabled:
+            return
+        from twisted_gateway.cloud.reports import ReportService
+        from twisted_gateway.cloud.sync import SyncProvider
+        from twisted_gateway.cloud.token import CloudIdentity, load_credentials
+        if credentials is None:
+            credentials = load_credentials(cloud, self.config.source, self.config.state_dir)
+        self.cloud_identity = CloudIdentity(credentials, cloud, self.config.source, self.config.state_dir,
+                                            clock=self.reactor)
+        self.services.append(self.cloud_identity)
+        takes_directory = self.config.directory.file is None and cloud.directory
+        if takes_directory or cloud.settings:
+            self.cloud_sync = SyncProvider(
+                self.cloud_identity, self.directory if takes_directory else None, cloud,
+                self.config.state_dir, self.reactor,
+                on_settings=self._apply_cloud_settings if cloud.settings else None)
+            self.services.append(self.cloud_sync)
+        if cloud.reports:
+            self.cloud_reports = ReportService(self.cloud_identity, cloud, self.config.state_dir,
+                                               self.reactor, worker=worker_index())
+            self.services.append(self.cloud_reports)
+
+    def _apply_cloud_settings(self, settings: SyncSettings, version: int) -> None:
+        """A /sync version's settings over the file's configuration, applied as a reload is;
+        raise ConfigError (or ValueError) to refuse the version."""
+        from twisted_gateway.cloud.sync import SyncSettings, overlay, settings_verifier
+        if settings == (self.cloud_settings or SyncSettings()):
+            return
+        new = overlay(self.file_config, settings)
+        verifier = settings_verifier(settings, new.auth, version) if settings.owns_keys else \
+            verifier_from_config(new.auth, new.source, self.reactor)
+        Admission(new.limits, new.proxy_protocol, self.reactor.seconds)
+        self.cloud_settings = settings
+        self._apply(new, verifier)
 
     def _make_acme(self, fallback: Any) -> Any:
         # Imported here: certbot's acme library (and requests) cost memory nobody without ACME needs.
@@ -334,6 +385,17 @@ class Gateway:
         detail: dict[str, Any] = {"reasons": reasons, "shards": len(self.directory.current())}
         if self.redis_directory is not None:
             detail["directory_version"] = self.redis_directory.version
+        if self.cloud_identity is not None:
+            # Degraded, not unready: the last good state serves while the control plane is away.
+            detail["cloud"] = {"token": self.cloud_identity.readiness()}
+            degraded = detail["cloud"]["token"]["state"] != "ok"
+            if self.cloud_sync is not None:
+                detail["cloud"]["sync"] = self.cloud_sync.readiness()
+                degraded = degraded or self.cloud_sync.state != "up"
+            if self.cloud_reports is not None:
+                detail["cloud"]["reports"] = self.cloud_reports.readiness()
+            if degraded:
+                detail["degraded"] = sorted(set(detail.get("degraded", [])) | {"cloud"})
         if self.acme is not None:
             # Reported, not fatal: the fallback certificate still serves those names.
             detail["certificates"] = self.acme.problems()
@@ -401,11 +463,28 @@ class Gateway:
                 new = load_config(path, overrides)
                 verifier = verifier_from_config(new.auth, new.source, self.reactor)
                 Admission(new.limits, new.proxy_protocol, self.reactor.seconds)
+                file_config = new
+                if self.cloud_settings is not None:  # the control plane's settings stay on top
+                    from twisted_gateway.cloud.sync import overlay, settings_verifier
+                    new = overlay(new, self.cloud_settings)
+                    if self.cloud_settings.owns_keys:
+                        applied = self.cloud_sync.applied if self.cloud_sync is not None else None
+                        verifier = settings_verifier(self.cloud_settings, new.auth,
+                                                     applied.version if applied is not None else 0)
+                    Admission(new.limits, new.proxy_protocol, self.reactor.seconds)
             except (ConfigError, ValueError) as e:
                 self.log.error("reload refused, the running configuration stays: {error}", error=str(e))
                 metrics.CONFIG_RELOADS.labels(outcome="failure").inc()
                 return
+            self.file_config = file_config
             self._apply(new, verifier)
+        if self.cloud_identity is not None:
+            self.cloud_identity.reload(self.config.cloud, self.config.source)
+            if self.cloud_sync is not None:
+                self.cloud_sync.set_config(self.config.cloud)
+                self.cloud_sync.poll_now()
+            if self.cloud_reports is not None:
+                self.cloud_reports.set_config(self.config.cloud)
         if self.directory_provider is not None:
             self.directory_provider.check(force=True)
         if self.redis_directory is not None:

@@ -448,6 +448,82 @@ def datagram_route_series(protocol: str, route: Route) -> DatagramRouteSeries:
     return series
 
 
+# -- the hybrid control plane (docs/cloud.md) ------------------------------------------------------
+
+CLOUD_TOKEN_EXPIRY = Gauge(
+    "gateway_cloud_token_expiry_timestamp_seconds",
+    "When the cloud token in force expires (its exp claim, unix time).",
+    registry=REGISTRY)
+
+CLOUD_SYNC_UP = Gauge(
+    "gateway_cloud_sync_up",
+    "1 while the last /sync request was answered (200 or 304); 0 while the gateway serves its "
+    "last good state (the control plane unreachable, an error, or the token refused).",
+    registry=REGISTRY)
+
+CLOUD_SYNC_VERSION = Gauge(
+    "gateway_cloud_sync_version",
+    "The /sync version (directory and settings) in force, 0 before the first.",
+    registry=REGISTRY)
+
+CLOUD_SYNC_LAG = Histogram(
+    "gateway_cloud_sync_lag_seconds",
+    "Time from the control plane publishing a /sync version (its clock) to this gateway "
+    "applying it.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY)
+
+CLOUD_SYNC_FAILURES = Counter(
+    "gateway_cloud_sync_failures_total",
+    "/sync requests or versions that failed, by reason: unreachable (no connection or no answer "
+    "in time), http_error (an answer other than 200 or 304), token_refused (401 or 403), invalid "
+    "(a version whose directory or settings failed validation: refused, the last good stays).",
+    ["reason"], registry=REGISTRY)
+
+CLOUD_REPORT_RECORDS = Counter(
+    "gateway_cloud_report_records_total",
+    "Report records made, by kind: request (a proxied HTTP request), connection (a TCP/TLS "
+    "connection), tunnel (a websocket or CONNECT tunnel), udp (a UDP session).",
+    ["kind"], registry=REGISTRY)
+
+CLOUD_REPORTS_SENT = Counter(
+    "gateway_cloud_reports_sent_total",
+    "Report batches the control plane acknowledged (duplicates it already had included).",
+    registry=REGISTRY)
+
+CLOUD_REPORTS_SENT_RECORDS = Counter(
+    "gateway_cloud_reports_sent_records_total",
+    "Records in the batches the control plane acknowledged.",
+    registry=REGISTRY)
+
+CLOUD_REPORTS_FAILURES = Counter(
+    "gateway_cloud_reports_failures_total",
+    "/reports attempts that failed and will be retried, by reason: unreachable, http_error, "
+    "token_refused.",
+    ["reason"], registry=REGISTRY)
+
+CLOUD_REPORTS_SPOOLED = Gauge(
+    "gateway_cloud_reports_spooled_batches",
+    "Report batches in the on-disk spool, waiting to be sent.",
+    registry=REGISTRY)
+
+CLOUD_REPORTS_SPOOL_BYTES = Gauge(
+    "gateway_cloud_reports_spool_bytes",
+    "Bytes (compressed) of the batches in the on-disk spool (at most cloud.spool_bytes).",
+    registry=REGISTRY)
+
+CLOUD_REPORTS_DROPPED = Counter(
+    "gateway_cloud_reports_dropped_total",
+    "Report batches dropped, by reason: spool_full (the oldest, to make room), rejected (the "
+    "control plane answered 400 or 413: the batch can never be accepted).",
+    ["reason"], registry=REGISTRY)
+
+CLOUD_REPORTS_DROPPED_RECORDS = Counter(
+    "gateway_cloud_reports_dropped_records_total",
+    "Records in the dropped batches, by reason (as gateway_cloud_reports_dropped_total).",
+    ["reason"], registry=REGISTRY)
+
+
 # -- merging several workers' series ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -480,6 +556,16 @@ GAUGE_MERGE: dict[str, Merge] = {
         "sum", "each session is in exactly one process (with workers, UDP and QUIC run in worker 0)"),
     "gateway_quic_pending_flows": Merge(
         "sum", "each pending flow is in exactly one process"),
+    "gateway_cloud_token_expiry_timestamp_seconds": Merge(
+        "min", "the earliest expiry any worker still holds (one not yet reloaded)"),
+    "gateway_cloud_sync_up": Merge(
+        "min", "0 while any worker's /sync link is down (each worker polls on its own)"),
+    "gateway_cloud_sync_version": Merge(
+        "min", "the oldest /sync version any worker still serves"),
+    "gateway_cloud_reports_spooled_batches": Merge(
+        "sum", "each worker has a spool of its own"),
+    "gateway_cloud_reports_spool_bytes": Merge(
+        "sum", "each worker has a spool of its own"),
 }
 """The merge rule of every gauge in L{REGISTRY}, by family name: a new gauge must declare one
 (tests/test_metrics_merge.py fails otherwise).  Counters and histograms need none: their

@@ -280,6 +280,11 @@ class Options(usage.Options):
         try:
             self.config: GatewayConfig = load_config(self["config"], overrides)
             self.verifier = verifier_from_config(self.config.auth, self.config.source)
+            self.cloud: Any = None
+            if self.config.cloud.enabled and self.subCommand is None:
+                # A missing, tampered, expired or unknown-region cloud token stops start-up here.
+                from twisted_gateway.cloud.token import load_credentials
+                self.cloud = load_credentials(self.config.cloud, self.config.source, self.config.state_dir)
         except ConfigError as e:
             sys.stderr.write(f"gateway: {e}\n")
             sys.stderr.flush()
@@ -318,7 +323,7 @@ def makeService(options: Options) -> Any:
     from twisted_gateway.tls.contexts import CertificateError
     try:
         gateway = Gateway(options.config, verifier=options.verifier,
-                          reload_from=(options["config"], options.overrides))
+                          reload_from=(options["config"], options.overrides), cloud=options.cloud)
     except CertificateError as e:
         sys.stderr.write(f"gateway: {options.config.source}: {e}\n")
         sys.stderr.flush()
