@@ -145,6 +145,13 @@ class ListenConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    token_file: str | None = _field(optional_path, None, "File holding the admin token (one line); set, the dashboard (/) and the admin API (/api/v1/) answer only requests that carry it (Authorization: Bearer, or as a Basic password). Re-read when the file changes.")
+    protect_metrics: bool = _field(boolean, False, "With admin.token_file: /metrics needs the token too (Prometheus: authorization.credentials_file). /healthz, /readyz and ACME HTTP-01 answers stay open.")
+    refusals_kept: int = _field(positive_int, 256, "Recent refusals each gateway process keeps for /api/v1/refusals (a ring; a restart changes it).")
+
+
+@attrs.frozen
 class TLSConfig:
     certificate: str | None = _field(optional_path, None, "PEM chain for *.<hostname> and <hostname>.")
     private_key: str | None = _field(optional_path, None, "PEM private key of the certificate.")
@@ -515,6 +522,7 @@ class GatewayConfig:
     workers: int = _field(positive_int, max(1, os.cpu_count() or 1) if os.name == "posix" else 1,
                           "Worker processes sharing the TLS listener (POSIX; 1 on Windows).")
     listen: ListenConfig = attrs.field(factory=ListenConfig)
+    admin: AdminConfig = attrs.field(factory=AdminConfig)
     tls: TLSConfig = attrs.field(factory=TLSConfig)
     directory: DirectoryConfig = attrs.field(factory=DirectoryConfig)
     tcp: TCPConfig = attrs.field(factory=TCPConfig)
@@ -534,7 +542,7 @@ class GatewayConfig:
 
 
 _SECTIONS: dict[str, type] = {
-    "listen": ListenConfig, "tls": TLSConfig, "directory": DirectoryConfig,
+    "listen": ListenConfig, "admin": AdminConfig, "tls": TLSConfig, "directory": DirectoryConfig,
     "tcp": TCPConfig, "http": HTTPConfig, "auth": AuthConfig, "api": APIConfig, "acme": AcmeConfig, "limits": LimitsConfig,
     "proxy_protocol": ProxyProtocolConfig, "log": LogConfig, "metrics": MetricsConfig,
     "redis": RedisConfig, "udp": UDPConfig, "quic": QUICConfig, "cloud": CloudConfig,
@@ -628,6 +636,8 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
     if cloud.enabled and cloud.reports and not config.log.access_log:
         raise ConfigError(source, "cloud.reports", "report records are made from the access log's "
                           "events: keep log.access_log on, or set cloud.reports: false")
+    if config.admin.protect_metrics and not config.admin.token_file:
+        raise ConfigError(source, "admin.protect_metrics", "protecting /metrics needs admin.token_file")
     # Relative paths in the file are relative to the file's directory.
     if path_ is not None:
         base = os.path.dirname(os.path.abspath(path_))
@@ -641,6 +651,8 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
             config = attrs.evolve(config, tls=attrs.evolve(config.tls, private_key=rel(config.tls.private_key)))
         if "file" in (doc.get("directory") or {}) and "directory.file" not in (overrides or {}):
             config = attrs.evolve(config, directory=attrs.evolve(config.directory, file=rel(config.directory.file)))
+        if "token_file" in (doc.get("admin") or {}):
+            config = attrs.evolve(config, admin=attrs.evolve(config.admin, token_file=rel(config.admin.token_file)))
         if "client_ca" in (doc.get("tcp") or {}):
             config = attrs.evolve(config, tcp=attrs.evolve(config.tcp, client_ca=rel(config.tcp.client_ca)))
         auth_doc = doc.get("auth") or {}
@@ -659,4 +671,12 @@ def load_config(path_: str | None, overrides: dict[str, Any] | None = None) -> G
                 config = attrs.evolve(config, cloud=attrs.evolve(config.cloud, **{key: rel(getattr(config.cloud, key))}))
         if "state_dir" in doc and "state_dir" not in (overrides or {}):
             config = attrs.evolve(config, state_dir=rel(config.state_dir))
+    if config.admin.token_file is not None:
+        from twisted_gateway.dashboard.access import AdminAccess
+        try:
+            AdminAccess(config.admin.token_file)
+        except OSError as e:
+            raise ConfigError(source, "admin.token_file", f"{config.admin.token_file}: cannot read: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(source, "admin.token_file", str(e)) from None
     return attrs.evolve(config, source=source)

@@ -13,6 +13,7 @@ extra Python call per chunk.  Each connection keeps the L{Runtime} it was accept
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 from OpenSSL import SSL, crypto
@@ -56,12 +57,30 @@ _BAD_REQUEST_HTTP = (
 )
 
 
-class ConnectionTracker:
-    """The open front-door connections of one gateway process, and whether it is draining."""
+Refused = tuple[float, str, "str | None", str, str]
+"""One refusal as the ring keeps it: (unix time, client address, SNI name or None, reason, detail)."""
 
-    def __init__(self) -> None:
+
+class ConnectionTracker:
+    """
+    The open front-door connections of one gateway process, whether it is draining, and its
+    most recent refusals (a bounded ring the admin API shows: one tuple appended per refusal,
+    the oldest dropped).
+    """
+
+    def __init__(self, refusals_kept: int = 256) -> None:
         self.connections: set[FrontDoor] = set()
         self.draining = False
+        self.refusals: deque[Refused] = deque(maxlen=refusals_kept)
+        self.refusals_recorded = 0
+
+    def keep_refusals(self, count: int) -> None:
+        """Keep the last C{count} refusals (those kept so far, up to that many, stay)."""
+        self.refusals = deque(self.refusals, maxlen=count)
+
+    def refused(self, when: float, client: str, sni: str | None, reason: str, detail: str = "") -> None:
+        self.refusals.append((when, client, sni, reason, detail))
+        self.refusals_recorded += 1
 
 
 @implementer(IHalfCloseableProtocol)
@@ -124,6 +143,7 @@ class FrontDoor(Protocol):
 
     def _refuse_connection(self, why: str) -> None:
         metrics.CONNECTIONS_REFUSED.labels(reason=why).inc()
+        self.tracker.refused(self.reactor.seconds(), self.client_host, None, why)
         self.outcome = "refused"
         self.log.debug("refused connection from {client}: {why}", client=self._peer(), why=why)
         self._proxy_reader = None
@@ -176,8 +196,9 @@ class FrontDoor(Protocol):
             self.transport.write(ch.alert_record(ch.ALERT_DECODE_ERROR))
         self._close_now()
 
-    def _refuse_alert(self, reason: str, alert: int) -> None:
+    def _refuse_alert(self, reason: str, alert: int, detail: str = "") -> None:
         metrics.ROUTE_REFUSALS.labels(reason=reason).inc()
+        self.tracker.refused(self.reactor.seconds(), self.client_host, self.server_name, reason, detail)
         self.outcome = "refused"
         self.log.debug("refused {peer} for {name}: {reason}", peer=self._peer(),
                        name=self.server_name, reason=reason)
@@ -250,10 +271,12 @@ class FrontDoor(Protocol):
 
     def _refuse(self, name: str, refusal: Refuse) -> None:
         if not refusal.page:
-            self._refuse_alert(refusal.reason, refusal.alert)
+            self._refuse_alert(refusal.reason, refusal.alert, refusal.detail)
             return
         # A client that speaks HTTP gets a page that says what was not found.
         metrics.ROUTE_REFUSALS.labels(reason=refusal.reason).inc()
+        self.tracker.refused(self.reactor.seconds(), self.client_host, name, refusal.reason,
+                             refusal.detail)
         self.outcome = "refused"
         self.log.debug("refused {peer} for {name}: {detail}", peer=self._peer(), name=name,
                        detail=refusal.detail)
@@ -360,7 +383,8 @@ class FrontDoor(Protocol):
                        client_auth_task: str | None = None) -> None:
         ctx = self.runtime.contexts.context_for(name, protocols, client_auth_task is not None)
         if ctx is None:
-            self._refuse_alert("no_certificate", ch.ALERT_UNRECOGNIZED_NAME)
+            self._refuse_alert("no_certificate", ch.ALERT_UNRECOGNIZED_NAME,
+                               "no certificate for this name")
             return
         reader, self._reader = self._reader, None
         assert reader is not None

@@ -261,7 +261,18 @@ class Gateway:
         metrics.configure_routes(config.metrics.per_route, config.metrics.max_routes)
         self.tls_listener = ListenerService("tls", reactor, config.listen.tls, self.tls_factory,
                                             announce=announce)
-        self.admin = AdminApp(self.readiness, self.http01)
+        # The operator's view: the admin API and the dashboard (twisted_gateway/dashboard).  A
+        # worker's admin socket is private to the supervisor (mode 0600), which checks the token.
+        from twisted_gateway.dashboard.access import load_access
+        from twisted_gateway.dashboard.views import LocalViews
+        self.tracker.keep_refusals(config.admin.refusals_kept)
+        self.admin_views = LocalViews(
+            self.directory, self.hostname, self.tracker, [source],
+            [p for p in (self.directory_provider, self.redis_directory, self.cloud_sync) if p is not None],
+            index=worker_index())
+        self.admin = AdminApp(self.readiness, self.http01, views=self.admin_views,
+                              access=load_access(config.admin.token_file) if announce else None,
+                              protect_metrics=config.admin.protect_metrics)
         self.plain_listener = ListenerService("plain", reactor, config.listen.plain,
                                               quiet_site(self.admin.resource()), announce=announce)
         self.verifier = verifier

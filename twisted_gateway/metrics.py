@@ -298,8 +298,10 @@ def count_route(route: Route, up: int = 0, down: int = 0, connections: int = 0) 
     """Count C{connections} and the bytes relayed each way (C{up}: client to shard, C{down}:
     shard to client) for C{route}; nothing unless metrics.per_route is on.  The splice calls it
     for the connections it relays; the HTTP fronts call it once per client connection and
-    with each exchange's bytes."""
+    with each exchange's bytes.  The admin API's per-port counts (L{LIVE_ROUTES}) are kept
+    whatever metrics.per_route says."""
     ROUTES.count(route, up, down, connections)
+    LIVE_ROUTES.count(route, up, down, connections)
 
 
 # -- the fleet: Redis ---------------------------------------------------------------------------
@@ -586,3 +588,40 @@ WORKER_RESTARTS = Counter(
     "gateway_worker_restarts_total",
     "Workers restarted after exiting.",
     registry=SUPERVISOR_REGISTRY)
+
+
+# -- the admin API's per-port counts (twisted_gateway/dashboard) ---------------------------------
+
+class LivePortCounts:
+    """
+    Connections and bytes per shard port (shard id, port number, datagram) since the process
+    started, in plain integers, for C{/api/v1/routes}: kept whether or not metrics.per_route
+    exports them, at a dict lookup per count (a splice counts at its start and when its bytes
+    are flushed, an HTTP front per connection and per exchange).  At most C{max_ports} ports;
+    ports of shards that left the directory are forgotten when the view is asked.
+    """
+
+    def __init__(self, max_ports: int = 100_000) -> None:
+        self.max_ports = max_ports
+        self._counts: dict[tuple[str, int, bool], list[int]] = {}
+
+    def count(self, route: Route, up: int = 0, down: int = 0, connections: int = 0) -> None:
+        key = (route.shard.id, route.port.port, route.port.datagram)
+        entry = self._counts.get(key)
+        if entry is None:
+            if len(self._counts) >= self.max_ports:
+                return
+            entry = self._counts[key] = [0, 0, 0]
+        entry[0] += connections
+        entry[1] += up
+        entry[2] += down
+
+    def snapshot(self, shard_ids: set[str]) -> dict[tuple[str, int, bool], tuple[int, int, int]]:
+        """(connections, bytes up, bytes down) by port, for the shards in C{shard_ids}; the
+        others' counts are dropped."""
+        for key in [k for k in self._counts if k[0] not in shard_ids]:
+            del self._counts[key]
+        return {key: (c, u, d) for key, (c, u, d) in self._counts.items()}
+
+
+LIVE_ROUTES = LivePortCounts()

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any, Hashable, Iterable, Mapping
 
 from prometheus_client import generate_latest
@@ -34,6 +35,8 @@ from zope.interface import implementer
 from twisted_gateway._compat import close_shared_listener
 from twisted_gateway import logs, metrics
 from twisted_gateway.admin import AdminApp, Readiness
+from twisted_gateway.dashboard import views
+from twisted_gateway.dashboard.views import IAdminViews
 from twisted_gateway.reactors import reactor_args
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.tls.files import ensure_private_dir
@@ -230,6 +233,7 @@ class _Worker(ProcessProtocol):
         self.index = index
         self.process: Any = None
         """The process transport, once spawned."""
+        self.started = time.time()
         self.ended: Deferred[Any] = Deferred()
 
     def processEnded(self, reason: Any) -> None:
@@ -258,6 +262,8 @@ class Supervisor(Service):
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.restarts = 0
+        self.restarts_by_index: dict[int, int] = {}
+        self.started = time.time()
         self.run_dir = os.path.join(config.state_dir, "workers")
         self.tls_port: Any = None
         self.merger = MetricsMerger(max_routes=config.metrics.max_routes)
@@ -342,6 +348,7 @@ class Supervisor(Service):
         if self.stopping:
             return
         self.restarts += 1
+        self.restarts_by_index[worker.index] = self.restarts_by_index.get(worker.index, 0) + 1
         metrics.WORKER_RESTARTS.inc()
         self.log.error("worker {worker} exited ({reason}); restarting", worker=worker.index,
                        reason=getattr(reason, "exitCode", reason))
@@ -427,6 +434,64 @@ class Supervisor(Service):
         return gatherResults([one(self.workers[i]) for i in sorted(self.workers)])
 
 
+@implementer(IAdminViews)
+class SupervisorViews:
+    """The admin API of several workers: each view asked of every worker (their private admin
+    sockets) and merged (L{twisted_gateway.dashboard.views}); a worker that does not answer is
+    left out of that answer."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def _ask(self, view: str) -> Deferred[dict[int, dict[str, Any]]]:
+        def parse(results: list[tuple[_Worker, int, bytes]]) -> dict[int, dict[str, Any]]:
+            out = {}
+            for worker, code, body in results:
+                if code == 200:
+                    try:
+                        out[worker.index] = json.loads(body)
+                    except ValueError:
+                        pass
+            return out
+        return self.supervisor.fetch_all(f"/api/v1/{view}").addCallback(parse)
+
+    def routes(self) -> Deferred[dict[str, Any]]:
+        hostname = self.supervisor.config.hostname
+        return self._ask("routes").addCallback(lambda a: views.merge_routes(a, hostname))
+
+    def certificates(self) -> Deferred[dict[str, Any]]:
+        return self._ask("certificates").addCallback(views.merge_certificates)
+
+    def refusals(self) -> Deferred[dict[str, Any]]:
+        kept = self.supervisor.config.admin.refusals_kept
+        return self._ask("refusals").addCallback(lambda a: views.merge_refusals(a, kept))
+
+    def providers(self) -> Deferred[dict[str, Any]]:
+        return self._ask("providers").addCallback(views.merge_providers)
+
+    def workers(self) -> Deferred[dict[str, Any]]:
+        sup = self.supervisor
+
+        def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+            now = time.time()
+            listed = []
+            for index in range(sup.count):
+                worker = sup.workers.get(index)
+                own = (answers.get(index, {}).get("workers") or [{}])[0]
+                listed.append({
+                    "index": index, "pid": worker.process.pid if worker is not None else None,
+                    "started": worker.started if worker is not None else None,
+                    "uptime_seconds": round(now - worker.started, 3) if worker is not None else None,
+                    "restarts": sup.restarts_by_index.get(index, 0),
+                    "open_connections": own.get("open_connections"),
+                    "draining": bool(own.get("draining", sup.stopping)), "answered": index in answers})
+            return {"time": now, "supervisor": {
+                "pid": os.getpid(), "started": sup.started,
+                "uptime_seconds": round(now - sup.started, 3), "restarts": sup.restarts},
+                "workers": listed}
+        return self._ask("workers").addCallback(merge)
+
+
 def make_supervisor_service(config: GatewayConfig, argv: list[str], count: int) -> MultiService:
     from twisted_gateway.gateway import ListenerService
     from twisted_gateway.http.errors import quiet_site
@@ -444,7 +509,10 @@ def make_supervisor_service(config: GatewayConfig, argv: list[str], count: int) 
         from twisted_gateway.tls.acme.responders import HTTP01Responder
         from twisted_gateway.tls.acme.shared import ChallengeBoard
         http01 = HTTP01Responder(ChallengeBoard(config.state_dir))
-    app = AdminApp(supervisor.readiness, http01, metrics=supervisor.metrics)
+    from twisted_gateway.dashboard.access import load_access
+    app = AdminApp(supervisor.readiness, http01, metrics=supervisor.metrics,
+                   views=SupervisorViews(supervisor), access=load_access(config.admin.token_file),
+                   protect_metrics=config.admin.protect_metrics)
     root = logs.LoggingRoot(logs.make_observer(config.log.format, config.log.level))
     supervisor.setServiceParent(root)
     ListenerService("plain", supervisor.reactor, config.listen.plain, quiet_site(app.resource())).setServiceParent(root)

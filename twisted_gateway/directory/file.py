@@ -9,13 +9,16 @@ with editors and config-management tools that replace the file by renaming.
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import yaml
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twisted_gateway.polling import PollingService
-from twisted_gateway.directory.interfaces import ShardDirectory
+from twisted_gateway.directory.interfaces import IProviderStatus, ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
 
 
@@ -35,6 +38,7 @@ def load_directory_file(path: str) -> DirectorySnapshot:
     return parse_directory(doc)
 
 
+@implementer(IProviderStatus)
 class FileDirectoryProvider(PollingService):
     """
     Polls one directory file (a TimerService calling L{check}, the first time when started).
@@ -53,6 +57,8 @@ class FileDirectoryProvider(PollingService):
         self.directory = directory
         self.clock = clock
         self._stamp: tuple[int, int, int] | None = None
+        self.last_change: float | None = None
+        self.last_error: str | None = None
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -70,6 +76,19 @@ class FileDirectoryProvider(PollingService):
         try:
             snapshot = load_directory_file(self.path)
         except DirectoryError as e:
+            self.last_error = str(e)
             self.directory.refuse(self.path, str(e))
             return
+        self.last_error = None
+        self.last_change = time.time()
         self.directory.publish(snapshot, self.path)
+
+    def status(self) -> dict[str, Any]:
+        """L{IProviderStatus}: C{error} while the file's last version was refused (the one
+        before stays in force); the version is the file's mtime (ns) as last read."""
+        return {"kind": "file", "source": self.path,
+                "state": "error" if self.last_error else "ok",
+                "version": self._stamp[0] if self._stamp else None,
+                "last_change": self.last_change, "last_error": self.last_error,
+                "lag_seconds": None, "shards": len(self.directory.current()),
+                "poll_interval": self.interval}

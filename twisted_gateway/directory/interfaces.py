@@ -9,7 +9,7 @@ snapshots into a L{ShardDirectory}.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
@@ -27,6 +27,19 @@ class IShardDirectory(Interface):
 
     def subscribe(callback: Callable[[DirectorySnapshot], None]) -> None:
         """Call C{callback} with every new snapshot."""
+
+
+class IProviderStatus(Interface):
+    """A directory provider that can say how it is doing (the admin API's /api/v1/providers)."""
+
+    def status() -> dict[str, Any]:
+        """A JSON-ready dict with at least C{kind} (file, redis, cloud...), C{source} (what it
+        reads: a path, a URL), C{state} (C{ok}: following its source; C{degraded}: serving its
+        last good state while its source is away; C{error}: its last update was refused) and
+        C{version} (what it has in force, None when the source has no versions); and, when
+        known, C{last_change} (unix time of the last published update), C{lag_seconds} (from
+        the source writing an update to it being in force), C{last_error} and anything else
+        that helps (C{link} for a network source)."""
 
 
 @implementer(IShardDirectory)

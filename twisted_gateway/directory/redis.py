@@ -58,10 +58,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
-from twisted_gateway.directory.interfaces import ShardDirectory
+from twisted_gateway.directory.interfaces import IProviderStatus, ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
 from twisted_gateway.fleet.redis import RedisCommandError, RedisUnavailable
 from twisted_gateway.polling import PollingService
@@ -292,6 +293,7 @@ def read_cache(path: str) -> tuple[int, dict[str, str]]:
 
 # -- the gateway's side ----------------------------------------------------------------------------
 
+@implementer(IProviderStatus)
 class RedisDirectoryProvider(Service):
     """
     Follows the Redis directory and publishes each valid version into C{directory}.
@@ -318,6 +320,8 @@ class RedisDirectoryProvider(Service):
         self._full_read_queued = False
         self._notices_pending = 0  # notices received and not handled yet
         self._checking = False
+        self.last_change: float | None = None
+        self.last_lag: float | None = None
         self._poller = PollingService(check_interval, self.check, "the Redis directory version")
         if clock is not None:
             self._poller.clock = clock
@@ -337,6 +341,21 @@ class RedisDirectoryProvider(Service):
     def stopService(self) -> Any:
         super().stopService()
         return self._poller.stopService()
+
+    def status(self) -> dict[str, Any]:
+        """L{IProviderStatus}: C{degraded} while the link is down (the directory in force stays),
+        C{error} while Redis holds a version that was refused."""
+        link = self.link.readiness()
+        state = "ok"
+        if self._refused_version is not None:
+            state = "error"
+        elif not self.link.up:
+            state = "degraded"
+        return {"kind": "redis", "source": link.get("target"), "state": state,
+                "version": self.applied_version, "read_version": self.version,
+                "refused_version": self._refused_version, "last_change": self.last_change,
+                "lag_seconds": self.last_lag, "last_error": link.get("last_error"),
+                "shards": len(self.directory.current()), "link": link}
 
     # -- the cache --------------------------------------------------------------------------------
 
@@ -491,8 +510,10 @@ class RedisDirectoryProvider(Service):
         self.applied_version, self._applied_entries = version, self._entries
         metrics.REDIS_DIRECTORY_VERSION.set(version)
         self.directory.publish(snapshot, f"Redis (version {version})")
+        self.last_change = time.time()
         if written_at is not None:
-            metrics.REDIS_DIRECTORY_LAG.observe(max(0.0, time.time() - written_at))
+            self.last_lag = max(0.0, time.time() - written_at)
+            metrics.REDIS_DIRECTORY_LAG.observe(self.last_lag)
         try:
             write_cache(self.cache_path, version, written_at, self._entries)
         except OSError as e:

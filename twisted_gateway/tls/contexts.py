@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Iterable, cast
+from typing import Any, Iterable, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -76,6 +76,20 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
         return [cast(str, a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
     return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
         str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+
+
+def describe_certificate(cert: x509.Certificate, source: str, **extra: Any) -> dict[str, Any]:
+    """A certificate as the admin API shows it (C{source}: file, local_ca, acme), with
+    C{extra} fields of its source's (path, renew_at, failures...)."""
+    def common_name(name: x509.Name) -> str:
+        values = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return str(values[0].value) if values else name.rfc4514_string()
+    return {"names": certificate_names(cert), "subject": common_name(cert.subject),
+            "issuer": common_name(cert.issuer), "serial": format(cert.serial_number, "x"),
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "not_after_timestamp": cert.not_valid_after_utc.timestamp(),
+            "source": source, **extra}
 
 
 def _record_expiry(pair: KeyPair) -> None:
@@ -146,21 +160,40 @@ class StaticFileSource(PollingService):
     def pair_for(self, name: str) -> KeyPair | None:
         return self.pair
 
+    def certificates(self) -> list[dict[str, Any]]:
+        """The admin API's view: the pair in force and the file it came from."""
+        return [describe_certificate(self.pair.certificate, "file", path=self.cert_path)]
+
 
 @implementer(ICertificateSource)
 class LocalCASource:
     """Leaves from the local development CA, one per name, issued on first use."""
 
-    def __init__(self, ca: LocalCA, hostname: str) -> None:
+    def __init__(self, ca: LocalCA, hostname: str, max_shown: int = 1000) -> None:
         self.ca = ca
         self.hostname = hostname
+        self._issued: dict[str, KeyPair] = {}
+        self._max_shown = max_shown
 
     def pair_for(self, name: str) -> KeyPair | None:
         if name == self.hostname and name == "localhost":
             pair = self.ca.issue(("localhost", "127.0.0.1", "::1"))
         else:
             pair = self.ca.issue((name,))
+        if name in self._issued or len(self._issued) < self._max_shown:
+            self._issued[name] = pair  # what the admin API shows, at one dict store
         return pair
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """The admin API's view: the CA itself and the leaves issued for names so far (the
+        first C{max_shown} names)."""
+        out = [describe_certificate(self.ca.cert, "local_ca", path=self.ca.cert_path, ca=True)]
+        seen: set[int] = set()
+        for pair in list(self._issued.values()):
+            if id(pair) not in seen:
+                seen.add(id(pair))
+                out.append(describe_certificate(pair.certificate, "local_ca"))
+        return out
 
 
 def load_client_ca(path: str) -> list[x509.Certificate]:

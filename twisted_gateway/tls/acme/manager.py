@@ -76,6 +76,7 @@ class AcmeCertificateSource(MultiService):
         self._failures: dict[Names, int] = {}
         self._next_attempt: dict[Names, float] = {}
         self._renew_at: dict[Names, float] = {}
+        self._last_error: dict[Names, tuple[float, str]] = {}  # the admin API's certificates()
         self._denied: dict[str, float] = {}
         self._semaphore = DeferredSemaphore(2)
         # acme.on_demand_rate is per minute; the burst lets a minute's worth through at once.
@@ -428,6 +429,7 @@ class AcmeCertificateSource(MultiService):
             delay *= random.uniform(0.5, 1.0)  # jitter: instances do not retry in step
             self._next_attempt[names] = self.reactor.seconds() + delay
             error = failure.getErrorMessage() if failure.check(IssuanceError, LeaseLost) else repr(failure.value)
+            self._last_error[names] = (time.time(), error)
             self.log.warn("certificate for {names} failed (attempt {count}), retrying in {delay:.0f}s: "
                           "{error}", names=", ".join(names), count=count, delay=delay, error=error)
             return False
@@ -466,6 +468,33 @@ class AcmeCertificateSource(MultiService):
 
     def issued(self, name: str) -> bool:
         return self._lookup(name) is not None
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """The admin API's view: each certificate in force (managed or on demand) and each
+        managed one still missing, with its next renewal, failed attempts since its last
+        success, the last error and the next attempt (unix times); then the fallback's."""
+        from twisted_gateway.tls.contexts import describe_certificate
+        out: list[dict[str, Any]] = []
+        seen: set[Names] = set()
+
+        def progress(names: Names) -> dict[str, Any]:
+            failures = self._failures.get(names, 0)
+            when, error = self._last_error.get(names, (None, None))
+            return {"renew_at": self._renew_at.get(names), "failures": failures,
+                    "last_error": error if failures else None,
+                    "last_error_time": when if failures else None,
+                    "next_attempt": self._next_attempt.get(names) if failures else None}
+        for stored in list(self._certs.values()):
+            if stored.names not in seen:
+                seen.add(stored.names)
+                out.append(describe_certificate(stored.pair.certificate, "acme",
+                                                **progress(stored.names)))
+        for names in self._managed:
+            if names not in seen and names[0] not in self._certs:
+                out.append({"names": list(names), "source": "acme", "missing": True,
+                            "not_after": None, "not_after_timestamp": None, **progress(names)})
+        describe = getattr(self.fallback, "certificates", None)
+        return out + (describe() if describe is not None else [])
 
 
 def wait_for_certificate(source: Any, name: str, bound: float, reactor: Any) -> Deferred[None] | None:
