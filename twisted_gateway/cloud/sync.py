@@ -309,8 +309,11 @@ class SyncProvider(Service):
         if etag is not None:
             headers[b"If-None-Match"] = [etag.encode("latin-1")]
         url = f"{self.identity.base_url}/sync"
-        d = self._client.get(url, headers=headers, params={"wait": f"{self.cloud.sync_wait:g}"},
-                             timeout=self.cloud.sync_wait + self.cloud.request_timeout)
+        # Until an answer says the control plane is there (at start, after a failure), ask for
+        # an answer at once: a long poll would leave the link's state unknown for its wait.
+        wait = self.cloud.sync_wait if self.state == "up" else 0.0
+        d = self._client.get(url, headers=headers, params={"wait": f"{wait:g}"},
+                             timeout=wait + self.cloud.request_timeout)
         self._request = d
         d.addCallback(self._answered)
         d.addErrback(self._unreachable)

@@ -146,7 +146,8 @@ def verify_token(raw: str, keys: Keys, audience: str, leeway: float, now: float,
                               f"keys do not hold (known: {', '.join(sorted(keys))})")
     try:
         claims = jwt.decode(raw, key, algorithms=[algorithm], audience=audience, leeway=leeway,
-                            options={"require": ["exp", "iat", "aud"], "verify_exp": False})
+                            options={"require": ["exp", "iat", "aud"], "verify_exp": False,
+                                     "verify_iat": False})
     except jwt.InvalidSignatureError:
         raise CloudTokenError(f"{prefix} has a signature that does not verify with the control "
                               f"plane's key (tampered with, or minted by another control plane)") from None
@@ -164,6 +165,9 @@ def verify_token(raw: str, keys: Keys, audience: str, leeway: float, now: float,
     exp = claims["exp"]
     if not isinstance(exp, (int, float)) or isinstance(exp, bool):
         raise CloudTokenError(f"{prefix} has an 'exp' claim that is not a time")
+    iat = claims["iat"]
+    if not isinstance(iat, (int, float)) or isinstance(iat, bool) or iat > now + leeway:
+        raise CloudTokenError(f"{prefix} has an 'iat' claim that is not a time before now")
     if exp + leeway <= now:
         raise CloudTokenError(f"{prefix} expired at {_when(exp)}; mint a new one")
     return CloudToken(raw, claims["account"], claims["region"], claims["analytics_index"],
