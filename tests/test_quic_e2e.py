@@ -220,3 +220,25 @@ def test_quic_v2_version_negotiation_and_retry_from_the_shard_pass_through(start
         for server in (v2, vn, retry):
             server.stop()
 
+
+
+def test_quic_auto_on_a_taken_udp_port_logs_and_the_gateway_still_starts(start_gateway):
+    from support import free_port
+    # The TLS port's number is taken over UDP by someone else: with quic.listen auto (the
+    # default) the gateway starts and serves TLS, and says why QUIC is off.
+    for _ in range(20):
+        port = free_port()
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            squatter.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            squatter.close()
+    try:
+        gw = start_gateway(demo=True, args=["--tls-port", f"tcp:{port}:interface=127.0.0.1"])
+        assert gw.tls_port == port
+        gw.wait_logged("cannot listen for quic on udp 127.0.0.1:")
+        assert gw.echoes("demo-7.localhost")
+        assert not any(e.get("event_kind") == "listening_udp" for e in gw.events)
+    finally:
+        squatter.close()

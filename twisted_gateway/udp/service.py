@@ -129,6 +129,9 @@ class DatagramService(Service):
         if address is None:
             return
         door = QUICDoor(self.reactor, self.directory, quic_settings(config), policy_of(config))
+        # QUIC on the TLS port's number is a default nobody asked for: the UDP port being taken
+        # is an error in the log, not a gateway that does not start.  An explicit listen is fatal.
+        fatal = fatal and config.quic.listen != "auto"
         listening = self._bind(door, address[0], address[1], "quic", fatal)
         if listening is not None:
             self.quic = (door, listening, f"{address[1]}:{address[0]}")
