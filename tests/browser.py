@@ -52,7 +52,9 @@ class Browser:
         self.port = wait_for(port, 30, what="chromium's DevTools port")
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=10) as r:
             pages = [t for t in json.load(r) if t.get("type") == "page"]
-        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024)
+        # Entered as a context manager (what websockets asks for), left in close().
+        self._ws_context = connect(pages[0]["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024)
+        self.ws = self._ws_context.__enter__()
         self._ids = itertools.count(1)
         self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -64,8 +66,8 @@ class Browser:
 
     def _read(self) -> None:
         try:
-            for message in self.ws:
-                doc = json.loads(message)
+            while True:
+                doc = json.loads(self.ws.recv())
                 if "id" in doc:
                     with self._lock:
                         q = self._replies.get(doc["id"])
@@ -133,7 +135,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.ws.close()
+            self._ws_context.__exit__(None, None, None)
         except Exception:  # noqa: BLE001 - already gone
             pass
         stop_process(self.proc)

@@ -85,10 +85,10 @@ class FileDirectoryProvider(PollingService):
 
     def status(self) -> dict[str, Any]:
         """L{IProviderStatus}: C{error} while the file's last version was refused (the one
-        before stays in force); the version is the file's mtime (ns) as last read."""
+        before stays in force).  A file has no version: C{modified} is its mtime as last read."""
         return {"kind": "file", "source": self.path,
-                "state": "error" if self.last_error else "ok",
-                "version": self._stamp[0] if self._stamp else None,
+                "state": "error" if self.last_error else "ok", "version": None,
+                "modified": self._stamp[0] / 1e9 if self._stamp else None,
                 "last_change": self.last_change, "last_error": self.last_error,
                 "lag_seconds": None, "shards": len(self.directory.current()),
                 "poll_interval": self.interval}
