@@ -390,3 +390,27 @@ def test_a_new_token_is_picked_up_on_sighup(control_planes, start_gateway, workd
     gw.proc.send_signal(signal.SIGHUP)
     gw.wait_logged("cloud token not reloaded, the one in force stays")
     assert routes(gw, "web-80.localhost")
+
+
+def test_two_workers_each_spool_and_every_record_arrives_once(control_planes, start_gateway, workdir,
+                                                              http_upstream):
+    cp = control_planes(workdir, shards=[web(http_upstream.port)])
+    gw = linked_gateway(start_gateway, cp, workdir, workers=2)
+    wait_for(lambda: routes(gw, "web-80.localhost"), 15, what="routed")
+    cp.stop()
+    paths = [f"/w/{i}" for i in range(200)]
+    for path in paths:  # a connection each: the kernel spreads them over both workers
+        assert request_once(gw, "web-80.localhost", path) == 200
+    spools = os.path.join(gw.state_dir, "cloud")
+    wait_for(lambda: gw.metric("gateway_cloud_reports_spooled_batches") >= 2, 10, what="both workers spooling")
+    assert {"spool-worker-0", "spool-worker-1"} <= set(os.listdir(spools))
+    cp.start()
+    wait_for(lambda: len([r for r in cp.records("request") if r["path"].startswith("/w/")]) >= 200, 20,
+             what="every worker's records")
+    records = [r for r in cp.records("request") if r["path"].startswith("/w/")]
+    assert sorted(paths_of(records)) == sorted(paths)  # every one, none twice
+    by_worker: dict[str, list[int]] = {}
+    for r in records:
+        by_worker.setdefault(r["id"].split("-")[0], []).append(r["seq"])
+    # (The kernel usually hands connections to both workers, but need not.)
+    assert 1 <= len(by_worker) <= 2 and all(seqs == sorted(seqs) for seqs in by_worker.values())  # each in order

@@ -167,7 +167,10 @@ def check_configuration(config: GatewayConfig, verifier: Any,
     rows.append(("listeners", f"tls {config.listen.tls}, plain {config.listen.plain}"))
     rows.append(("workers", str(config.workers)))
 
-    if config.directory.file is None and config.redis.enabled and config.redis.directory:
+    if config.directory.file is None and config.cloud.enabled and config.cloud.directory:
+        # Not asked: the gateway routes from the control plane's /sync (or its cache).
+        rows.append(("directory", "the control plane's /sync (cloud.directory)"))
+    elif config.directory.file is None and config.redis.enabled and config.redis.directory:
         # Not dialled: --check reads files only; the gateway routes from Redis (or its cache).
         rows.append(("directory", f"Redis (redis.directory, keys {config.redis.key_prefix}directory:*)"))
     elif config.directory.file is None:
@@ -292,6 +295,12 @@ class Options(usage.Options):
         if self["check"]:
             try:
                 rows = check_configuration(self.config, self.verifier, overrides)
+                if self.cloud is not None:
+                    token = self.cloud.token
+                    expires = datetime.datetime.fromtimestamp(token.expires_at, datetime.timezone.utc)
+                    rows.append(("cloud", f"account {token.account}, region {token.region} "
+                                          f"({self.cloud.base_url}), analytics index "
+                                          f"{token.analytics_index}; token valid until {expires.isoformat()}"))
             except CheckFailed as e:
                 sys.stderr.write(f"gateway: {e}\n")
                 sys.stderr.flush()

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from treq.client import HTTPClient
 from twisted.internet import ssl
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
@@ -45,6 +46,15 @@ def http_client(reactor: Any, ca_bundle: str | None) -> tuple[HTTPClient, HTTPCo
     return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool)), pool
 
 
+def describe(failure: Failure) -> str:
+    """A request's failure in a few words: the reasons inside twisted.web's wrappers
+    (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) rather than their repr."""
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(describe(r) for r in reasons)
+    return failure.getErrorMessage() or type(failure.value).__name__
+
+
 def auth_headers(token: str, **extra: str) -> dict[bytes, list[bytes]]:
     headers = {b"Authorization": [b"Bearer " + token.encode("ascii")]}
     for name, value in extra.items():
@@ -52,4 +62,4 @@ def auth_headers(token: str, **extra: str) -> dict[bytes, list[bytes]]:
     return headers
 
 
-__all__ = ["auth_headers", "backoff", "http_client"]
+__all__ = ["auth_headers", "backoff", "describe", "http_client"]

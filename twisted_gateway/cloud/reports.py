@@ -46,13 +46,13 @@ from typing import Any, Callable, Iterable, Mapping, cast
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
-from twisted_gateway.cloud.link import auth_headers, backoff, http_client
+from twisted_gateway.cloud.link import auth_headers, backoff, describe, http_client
 from twisted_gateway.cloud.token import CloudIdentity
 from twisted_gateway.config import CloudConfig
 from twisted_gateway.tls.files import atomic_write, ensure_private_dir
@@ -259,6 +259,7 @@ class ReportService(Service):
         self._failures = 0
         self._down_since: float | None = None
         self._stopping = False
+        self._gave_up = False
         self._drained: list[Deferred[None]] = []
         self._gauges()
 
@@ -297,6 +298,7 @@ class ReportService(Service):
         return done
 
     def _give_up(self) -> None:
+        self._gave_up = True
         if self._request is not None:
             self._request.cancel()  # the batch stays in the spool; a duplicate later is dropped
         self._finish_drain()
@@ -447,9 +449,9 @@ class ReportService(Service):
         self._failures = 0
 
     def _unreachable(self, failure: Failure) -> None:
-        if failure.check(CancelledError) and (self._stopping or not self.running):
-            return
-        self._failed("unreachable", failure.getErrorMessage() or type(failure.value).__name__)
+        if self._gave_up:
+            return  # cancelled at the end of the flush on SIGTERM: the batch stays in the spool
+        self._failed("unreachable", describe(failure))
 
     def _failed(self, reason: str, problem: str) -> None:
         metrics.CLOUD_REPORTS_FAILURES.labels(reason=reason).inc()

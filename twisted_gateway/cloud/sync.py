@@ -39,13 +39,13 @@ from typing import Any, Callable, Mapping
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
-from twisted_gateway.cloud.link import auth_headers, backoff, http_client
+from twisted_gateway.cloud.link import auth_headers, backoff, describe, http_client
 from twisted_gateway.cloud.token import CloudIdentity
 from twisted_gateway.config import AuthConfig, CloudConfig, ConfigError, GatewayConfig, LimitsConfig
 from twisted_gateway.directory.interfaces import ShardDirectory
@@ -345,9 +345,9 @@ class SyncProvider(Service):
         return d
 
     def _unreachable(self, failure: Failure) -> None:
-        if failure.check(CancelledError) and not self.running:
-            return
-        self._failed("unreachable", failure.getErrorMessage() or type(failure.value).__name__)
+        if not self.running:
+            return  # stopping: the poll in flight was cancelled
+        self._failed("unreachable", describe(failure))
 
     def _got(self, body: bytes, etag: str | None) -> None:
         self._up()
