@@ -1,6 +1,7 @@
 """
 End to end: the read-only admin API on the plain port (/api/v1/*) against a running gateway
-with a directory, a certificate file and refused names; the supervisor of two workers merging
+with a directory, a certificate file and refused names; the Redis provider's status (version,
+lag, degraded while Redis is away); the supervisor of two workers merging
 its workers' answers; the admin token required where configured and never logged.
 """
 
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -19,7 +21,7 @@ import pytest
 from cryptography import x509
 from openapi_spec_validator import validate
 
-from support import shard, wait_for
+from support import REPO, shard, twistd_command, wait_for
 
 from twisted_gateway.tls.localca import LocalCA
 
@@ -255,3 +257,32 @@ def test_admin_token_can_protect_metrics(start_gateway, echo_upstream, workdir):
                                      headers={"Authorization": "Bearer metrics-token"})
     with urllib.request.urlopen(request, timeout=10) as r:
         assert r.status == 200 and b"gateway_connections_active" in r.read()
+
+
+def test_redis_provider_status(start_gateway, echo_upstream, redis_env):
+    server = redis_env.server()
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    put = subprocess.run([twistd_command(), "gateway", "--redis", server.url, "directory", "put",
+                          json.dumps(shard("cache-0", "cache", 7, echo_upstream.port))],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert put.returncode == 0, put.stderr
+    # demo=True: no --directory, so the directory comes from Redis.
+    gw = start_gateway(demo=True, args=["--redis", server.url], wait_ready=False)
+    wait_for(lambda: gw.http_get("/readyz")[0] == 200, 20, what="gateway ready")
+
+    def provider():
+        return api(gw, "/api/v1/providers")[2]["providers"][0]
+    wait_for(lambda: provider()["version"] == 1, 10, what="version 1 in force")
+    p = provider()
+    assert (p["kind"], p["state"], p["shards"], p["link"]["state"]) == ("redis", "ok", 1, "up")
+    assert p["source"] == p["link"]["target"]
+    # A change written by the tool: in force within moments, with its lag measured.
+    subprocess.run([twistd_command(), "gateway", "--redis", server.url, "directory", "put",
+                    json.dumps(shard("cache-1", "cache2", 7, echo_upstream.port))],
+                   env=env, capture_output=True, text=True, timeout=30, check=True)
+    wait_for(lambda: provider()["version"] == 2, 10, what="version 2 in force")
+    p = provider()
+    assert p["shards"] == 2 and p["lag_seconds"] is not None and 0 <= p["lag_seconds"] < 5
+    server.stop()
+    wait_for(lambda: provider()["state"] == "degraded", 15, what="degraded while Redis is away")
+    assert provider()["version"] == 2 and provider()["link"]["state"] == "down"
