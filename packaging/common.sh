@@ -10,7 +10,15 @@ TARGET_PYTHON="${TARGET_PYTHON:-3.11}"
 wheelhouse() {
   local dir="$1"; shift
   mkdir -p "$dir"
-  "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$dir" "$REPO"
+  # The project's wheel is built from a copy of the tree without build/ and dist/: setuptools
+  # builds in the source tree's build/, whose leftovers (a module since removed) would ship,
+  # and two builds at once (the packaging tests under pytest-xdist) would race in it.
+  local src
+  src="$(mktemp -d)"
+  tar -C "$REPO" --exclude=./build --exclude=./dist --exclude=./.git --exclude='*.egg-info' \
+    --exclude=__pycache__ -cf - . | tar -C "$src" -xf -
+  "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$dir" "$src"
+  rm -rf "$src"
   local platforms=()
   for p in "$@"; do platforms+=(--platform "$p"); done
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
