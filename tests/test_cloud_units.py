@@ -357,6 +357,11 @@ def test_the_sync_provider_publishes_refuses_and_backs_off(tmp_path):
     clock.advance(0)
     assert len(directory.current()) == 1 and provider.applied.version == 1
     assert "version 2 refused" in provider.readiness()["problem"]
+    # What /api/v1/providers shows of it.
+    from twisted_gateway.directory.interfaces import IProviderStatus
+    status = IProviderStatus(provider).status()
+    assert (status["kind"], status["state"], status["version"], status["shards"]) == ("cloud", "error", 1, 1)
+    assert status["source"].endswith("/sync") and "version 2 refused" in status["last_error"]
     clock.advance(0)
     assert client.requests[-1][2]["headers"][b"If-None-Match"] == [b'"2"']
     # The control plane goes away: retried after 1, 2, 4 seconds (then 4: the ceiling).
@@ -374,6 +379,7 @@ def test_the_sync_provider_publishes_refuses_and_backs_off(tmp_path):
             waited += 0.5
         delays.append(waited)
     assert provider.state == "down" and delays == [1.0, 2.0, 4.0] and count > 3
+    assert provider.status()["state"] in ("degraded", "error")
     provider.stopService()
     # A restart routes from the cache, before any answer.
     again = ShardDirectory()

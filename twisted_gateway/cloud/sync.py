@@ -43,12 +43,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_gateway import metrics
 from twisted_gateway.cloud.link import auth_headers, backoff, describe, http_client
 from twisted_gateway.cloud.token import CloudIdentity
 from twisted_gateway.config import AuthConfig, CloudConfig, ConfigError, GatewayConfig, LimitsConfig
-from twisted_gateway.directory.interfaces import ShardDirectory
+from twisted_gateway.directory.interfaces import IProviderStatus, ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
 from twisted_gateway.directory.redis import document_from_entries, entry_json, read_cache
 from twisted_gateway.http.auth import JWKSKeys, TokenVerifier
@@ -219,6 +220,7 @@ def read_sync_cache(path: str, leeway: float = 30.0) -> SyncVersion:
 
 # -- the provider --------------------------------------------------------------------------------------
 
+@implementer(IProviderStatus)
 class SyncProvider(Service):
     """
     Long-polls /sync and publishes each valid version: the directory into C{directory}, the
@@ -255,6 +257,7 @@ class SyncProvider(Service):
         self._down_since: float | None = None
         self._request: Deferred[Any] | None = None
         self._next: IDelayedCall | None = None
+        self.last_lag: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -394,7 +397,8 @@ class SyncProvider(Service):
         elif self.directory is None or previous is not None:
             self.log.info("{source}: settings applied", source=source)
         if live and version.published_at is not None:
-            metrics.CLOUD_SYNC_LAG.observe(max(0.0, self.wall() - version.published_at))
+            self.last_lag = max(0.0, self.wall() - version.published_at)
+            metrics.CLOUD_SYNC_LAG.observe(self.last_lag)
         if cached:
             return
         try:
@@ -436,6 +440,19 @@ class SyncProvider(Service):
         self.problem = problem
         if self.running:
             self._schedule(backoff(self._failures, self.cloud.retry_initial, self.cloud.retry_max, self.uniform))
+
+    def status(self) -> dict[str, Any]:
+        """L{IProviderStatus}: C{degraded} while the control plane is away or refuses the token
+        (the last good state stays), C{error} while its newest version is refused."""
+        state = "ok" if self.state == "up" else "degraded"
+        if self._refused_etag is not None:
+            state = "error"
+        applied = self.applied
+        return {"kind": "cloud", "source": self.identity.base_url + "/sync", "state": state,
+                "link": self.state, "version": applied.version if applied is not None else None,
+                "last_change": applied.published_at if applied is not None else None,
+                "lag_seconds": self.last_lag, "last_error": self.problem,
+                "shards": len(self.directory.current()) if self.directory is not None else None}
 
     def readiness(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state,
