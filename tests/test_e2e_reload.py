@@ -203,3 +203,20 @@ def test_a_keep_alive_connection_keeps_the_runtime_it_started_with(start_gateway
             got += sock.recv(65536)
         assert got.startswith(expected), got[:120]
         sock.close()
+
+
+def test_redis_connection_and_admin_keys_wait_for_a_restart(start_gateway, workdir, echo_upstream):
+    from support import free_port
+    token = os.path.join(workdir, "admin-token")
+    with open(token, "w") as f:
+        f.write("first-token\n")
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    base = {"redis": {"url": dead, "check_interval": 1.0}, "admin": {"token_file": token}}
+    gw = start_gateway([shard("e", "echo", 9000, echo_upstream.port)], config=base)
+    reload(gw, workdir, {"redis": {"url": f"redis://127.0.0.1:{free_port()}/1", "check_interval": 0.5},
+                         "admin": {"token_file": token, "refusals_kept": 10}})
+    gw.wait_logged("reload: redis (its connection), admin changed and take effect only after a restart")
+    # The running link keeps its target; routing goes on.
+    status, body = gw.http_get("/readyz")
+    assert status == 200 and json.loads(body)["redis"]["target"] == dead
+    assert gw.echoes("echo-9000.localhost")

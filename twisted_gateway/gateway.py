@@ -177,6 +177,18 @@ class GatewayService(logs.LoggingRoot):
 
 
 
+_REDIS_CONNECTION = ("url", "password_file", "tls_ca", "tls_server_name", "sentinels", "master_name",
+                     "key_prefix", "connect_timeout", "command_timeout", "acme", "acme_key_file",
+                     "acme_lock_ttl")
+
+
+def _redis_connection(config: GatewayConfig) -> dict[str, Any]:
+    """The redis keys the running link and the ACME store built on it keep until a restart;
+    a reload changes check_interval and limits (and warns about directory, whose provider was
+    chosen at start)."""
+    return {key: getattr(config.redis, key) for key in _REDIS_CONNECTION}
+
+
 class Gateway:
     log = Logger()
 
@@ -514,6 +526,8 @@ class Gateway:
             ("acme", old.acme, new.acme),
             ("tcp.client_ca", old.tcp.client_ca, new.tcp.client_ca),
             ("log.format", old.log.format, new.log.format),
+            ("redis (its connection)", _redis_connection(old), _redis_connection(new)),
+            ("admin", old.admin, new.admin),
         ) if a != b]
         if restart_only:
             self.log.warn("reload: {keys} changed and take effect only after a restart",
@@ -521,7 +535,8 @@ class Gateway:
             # Keep the running values of those keys.
             new = attrs.evolve(new, listen=old.listen, hostname=old.hostname, state_dir=old.state_dir,
                                acme=old.acme, tcp=attrs.evolve(new.tcp, client_ca=old.tcp.client_ca),
-                               log=attrs.evolve(new.log, format=old.log.format))
+                               log=attrs.evolve(new.log, format=old.log.format),
+                               redis=attrs.evolve(new.redis, **_redis_connection(old)), admin=old.admin)
         self.config = new
         if self.directory_provider is not None and new.directory.file is not None:
             self.directory_provider.path = new.directory.file
