@@ -14,9 +14,10 @@ to CPU 1; then runs each workload against the gateway and HAProxy in turn:
 - W2  a new connection and full TLS handshake per request (no resumption), W2r with session
       resumption: connections/s and proxy CPU microseconds per connection.
 - W3  1 GiB through a tcp route, upload and download (openssl s_client): MB/s.
-- W4  h2 GET 100 bytes, 10 clients x 10 streams (h2load) through an h2 route, proxied request
-      by request (HAProxy: mode http, h2 to the h2c upstream); W4p through a passthrough h2
-      route (HAProxy: mode tcp).
+- W4  h2 GET 100 bytes, 10 clients x 10 streams (h2load): h2 clients of an http/1.1 route (each
+      stream one HTTP/1.1 request through the pool; HAProxy: mode http to the same nginx), and
+      of an h2 route, proxied request by request (HAProxy: mode http, h2 to the h2c upstream);
+      W4p through a passthrough h2 route (HAProxy: mode tcp).
 - idle and peak RSS of each proxy.
 
 Names resolve through a private /etc/hosts bound in a mount namespace (unshare), so load
@@ -292,7 +293,8 @@ backend web
             ("W2r resumed handshake per connection", lambda p: self.w2(p, True), "higher"),
             (f"W3 upload {self.args.bulk_mib} MiB", lambda p: self.w3(p, "upload"), "higher"),
             (f"W3 download {self.args.bulk_mib} MiB", lambda p: self.w3(p, "download"), "higher"),
-            ("W4 h2 route, 100 B, 10x10 streams", lambda p: self.w4(p, "h2"), "higher"),
+            ("W4 h2 clients of an http/1.1 route, 100 B, 10x10 streams", lambda p: self.w4(p, "http"), "higher"),
+            ("W4 h2 clients of an h2 route (gRPC shards), 100 B, 10x10 streams", lambda p: self.w4(p, "h2"), "higher"),
             ("W4p h2 passthrough route, 100 B, 10x10 streams", lambda p: self.w4(p, "h2p"), "higher"),
         ]
         for title, fn, _ in workloads:
