@@ -15,6 +15,7 @@ while the client is not reading, and an idle and a stalled-reader timeout.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import h2.errors
@@ -40,6 +41,33 @@ from twisted_gateway.http.policy import (
 )
 from twisted_gateway.http.upstream import IUpstream
 from twisted_gateway.limits import TokenBucket
+
+# A client's fields are checked here, not by h2 (flow.h2_config): RFC 9113 8.2.1 (a field name
+# is lower case, with no byte h2 forbids; a value has no NUL, CR or LF and does not begin or end
+# with whitespace), narrowed to what an HTTP/1.1 hop may carry (RFC 9110 5.1, 5.5: a name is a
+# token, a value has no control byte but tab).  One regular expression each, C speed.
+_field_name_ok = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z").match
+_field_value_ok = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?\Z").match
+_origin_path_ok = re.compile(rb"/[\x21-\x7e]*\Z").match
+"""An origin-form :path without space, control or non-ASCII bytes (the common case of
+L{h2_target_problem}, which decides every other)."""
+_COMMON_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+"""Fields an h2 message must not carry (RFC 9113 8.2.2); C{te} only as C{trailers}."""
+
+
+def trailers_problem(trailers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a client's trailer section is malformed (RFC 9113 8.1, 8.2), or None."""
+    for name, value in trailers:
+        if name[:1] == b":":
+            return "a pseudo-field in trailers"
+        if _field_name_ok(name) is None or _field_value_ok(value) is None:
+            return "a field name or value h2 forbids"
+        if name in CONNECTION_FIELDS or name == b"te":
+            return "a connection-specific field"
+    return None
+
 
 # gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
 _GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 413: 8, 429: 8, 502: 14, 503: 14, 504: 4}
@@ -115,7 +143,14 @@ class H2FrontConnection(H2Peer):
             elif isinstance(event, h2.events.TrailersReceived):
                 exchange = self.exchanges.get(event.stream_id)
                 if exchange is not None:
-                    exchange.client_ended(list(event.headers))
+                    trailers = list(event.headers)
+                    if trailers_problem(trailers) is None:
+                        exchange.client_ended(trailers)
+                    else:
+                        # RFC 9113 8.1.1: malformed, a stream error; never sent on.
+                        metrics.HTTP_REJECTED.labels(reason="bad_request").inc()
+                        self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                        exchange.client_reset()
             elif isinstance(event, h2.events.StreamReset):
                 exchange = self.exchanges.get(event.stream_id)
                 if exchange is not None:
@@ -242,12 +277,19 @@ class H2FrontConnection(H2Peer):
         forwarded_for: list[bytes] = []
         forwarded: list[bytes] = []
         problem: str | None = None
+        regular_seen = False
         for name, value in headers:
             if name[:1] == b":":
+                # RFC 9113 8.3: the request pseudo-fields, each once, before every other field.
+                if regular_seen or name not in _REQUEST_PSEUDO or name in pseudo:
+                    problem = problem or "a misplaced, repeated or unknown pseudo-field"
                 pseudo[name] = value
                 continue
-            if problem is None:
-                problem = h2_field_problem(name, value)
+            regular_seen = True
+            if problem is None and (_field_name_ok(name) is None or _field_value_ok(value) is None):
+                problem = h2_field_problem(name, value) or "a field name or value h2 forbids (RFC 9113 8.2.1)"
+            if name in CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+                problem = problem or "a connection-specific field (RFC 9113 8.2.2)"
             if name == b"authorization":
                 authorization = value
                 if private:
@@ -282,10 +324,16 @@ class H2FrontConnection(H2Peer):
             elif name in (b"te", b"trailer") and self.pool is not None:
                 continue  # hop-by-hop on an HTTP/1.1 hop ("te: trailers" means nothing there)
             regular.append((name, value))
-        method = pseudo.get(b":method", b"GET")
-        path = pseudo.get(b":path", b"/")
+        method = pseudo.get(b":method")
+        path = pseudo.get(b":path")
         authority = pseudo.get(b":authority", b"")
-        problem = problem or h2_target_problem(method, path)
+        if method is None or (method != b"CONNECT" and (path is None or b":scheme" not in pseudo)):
+            problem = problem or "a required pseudo-field is missing (RFC 9113 8.3.1)"
+            method, path = method or b"GET", path or b"/"
+        elif path is None:
+            path = b""
+        if problem is None and not (method in _COMMON_METHODS and _origin_path_ok(path) is not None):
+            problem = h2_target_problem(method, path)
         if problem is None and pseudo.get(b":scheme", b"https") not in (b"https", b"http"):
             problem = ":scheme is not https"
         if problem is None and len(hosts) > 1:

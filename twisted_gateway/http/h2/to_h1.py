@@ -182,6 +182,16 @@ class H1StreamExchange(ClientStream):
     # -- from the shard --------------------------------------------------------------------------
 
     def _got_response(self, response: Any) -> None:
+        # The head, and the body and end that came in the same shard read (delivered within
+        # deliverBody), go to the client in one write.
+        front = self.front
+        front.hold()
+        try:
+            self._relay_response(response)
+        finally:
+            front.release()
+
+    def _relay_response(self, response: Any) -> None:
         self._cancel_timer()
         front = self.front
         if self.finished or front.transport is None:
