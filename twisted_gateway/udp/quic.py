@@ -330,6 +330,7 @@ class InitialReader:
     The first Initial fixes the version and the original destination connection ID (the key
     for every Initial until the server answers); the CRYPTO stream is kept by offset, so
     packets may arrive out of order or twice, and at most C{max_hello_bytes} of it are kept.
+    Bytes received twice must be the same bytes (else L{QuicDrop} C{conflicting_crypto}).
     """
 
     def __init__(self, max_hello_bytes: int = ch.DEFAULT_MAX_HELLO_BYTES) -> None:
@@ -339,7 +340,10 @@ class InitialReader:
         self.scid: bytes | None = None
         self._keys: InitialKeys | None = None
         self._largest_pn = -1
-        self._chunks: dict[int, bytes] = {}
+        self._stream = bytearray()
+        """The CRYPTO stream from offset 0 to the highest byte received."""
+        self._known = bytearray()
+        """0xFF for each byte of C{_stream} received, 0x00 for a gap."""
         self._stored = 0
 
     def first_header(self, datagram: bytes) -> LongHeader:
@@ -378,25 +382,32 @@ class InitialReader:
     def _add(self, offset: int, data: bytes) -> None:
         if not data:
             return
-        if offset + len(data) > self.max_hello_bytes + 4:
+        end = offset + len(data)
+        if end > self.max_hello_bytes + 4:
             raise QuicDrop("oversized_client_hello",
-                           f"CRYPTO data up to byte {offset + len(data)} exceeds {self.max_hello_bytes}")
-        if offset in self._chunks and len(self._chunks[offset]) >= len(data):
-            return  # a retransmission
+                           f"CRYPTO data up to byte {end} exceeds {self.max_hello_bytes}")
         self._stored += len(data)
         if self._stored > 4 * (self.max_hello_bytes + 4):
             raise QuicDrop("oversized_client_hello", "too much CRYPTO data retransmitted")
-        self._chunks[offset] = data
+        if end > len(self._stream):
+            grow = end - len(self._stream)
+            self._stream += bytes(grow)
+            self._known += bytes(grow)
+        # RFC 9000 2.2: data at an offset must not change when it is sent again.  A client whose
+        # retransmission says something else (a second server name over the first) is refused:
+        # the gateway would route by one ClientHello while the shard may read the other.
+        known = self._known[offset:end]
+        if known.count(0) != len(known):
+            have = int.from_bytes(self._stream[offset:end], "big")
+            if (have ^ int.from_bytes(data, "big")) & int.from_bytes(known, "big"):
+                raise QuicDrop("conflicting_crypto",
+                               f"CRYPTO data at {offset}-{end} differs from what was received before")
+        self._stream[offset:end] = data
+        self._known[offset:end] = b"\xff" * len(data)
 
     def _contiguous(self) -> bytes:
-        buf = bytearray()
-        for offset in sorted(self._chunks):
-            if offset > len(buf):
-                break
-            data = self._chunks[offset]
-            if offset + len(data) > len(buf):
-                buf += data[len(buf) - offset:]
-        return bytes(buf)
+        gap = self._known.find(0)
+        return bytes(self._stream if gap < 0 else self._stream[:gap])
 
     def _hello(self) -> ClientHello | HelloError | NeedMore:
         stream = self._contiguous()
