@@ -18,7 +18,7 @@ backpressure from the receiver to the shard's socket.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import httptools
 from twisted.internet.defer import Deferred
@@ -145,7 +145,10 @@ class UpstreamConnection(Protocol):
 
     def _reset(self) -> None:
         self._state = "idle"
-        self._response_d: Deferred[IUpstreamResponse] | None = None
+        self._respond: Callable[[Any], None] | None = None
+        """Called once with the response or a Failure (while a response is awaited)."""
+        self._paused_unclaimed: bool | None = False
+        """The socket is paused until a receiver takes the body (None: decide after this read)."""
         self._receiver: Any = None
         self._pending: list[bytes] = []
         self._done = False
@@ -167,13 +170,32 @@ class UpstreamConnection(Protocol):
     # -- requests ------------------------------------------------------------------------------
 
     def send(self, method: bytes, head: bytes, body: Any, upgrade: bool = False) -> Deferred[IUpstreamResponse]:
+        """Send a request; the Deferred fires with its response (cancelling it aborts)."""
+        d: Deferred[IUpstreamResponse] = Deferred(lambda _: self.abort())
+
+        def respond(outcome: Any) -> None:
+            if not d.called:
+                if isinstance(outcome, Failure):
+                    d.errback(outcome)
+                else:
+                    d.callback(outcome)
+        self.send_then(method, head, body, upgrade, respond)
+        return d
+
+    def send_then(self, method: bytes, head: bytes, body: Any, upgrade: bool,
+                  respond: Callable[[Any], None]) -> None:
+        """
+        Send a request and call C{respond} once, with its response or a Failure: what L{send}
+        does without a Deferred of its own (the pool settles its caller's Deferred directly;
+        a Deferred and its callbacks per request were a few per cent of a proxied request).
+        """
         self.busy = True
         self._reset()
         self._method = method
         self._upgrade = upgrade
         self._state = "head"
         self._parser = httptools.HttpResponseParser(self)
-        self._response_d = Deferred(lambda d: self.abort())
+        self._respond = respond
         transport = self.transport
         assert transport is not None  # the pool sends only on a connected connection
         write_now(transport, head)
@@ -193,7 +215,6 @@ class UpstreamConnection(Protocol):
                 elif writer.left:
                     self.abort()  # shorter than declared: the shard waits for the rest
             finished.addCallbacks(body_done, lambda f: self.abort())
-        return self._response_d
 
     # -- response ------------------------------------------------------------------------------
 
@@ -265,9 +286,19 @@ class UpstreamConnection(Protocol):
         # cleanly: a head followed by a broken body in the same read is a 502, not a head
         # relayed and then a cut.
         ready, self._ready = self._ready, None
-        if ready is not None and self._response_d is not None:
-            d, self._response_d = self._response_d, None
-            d.callback(ready)
+        if ready is not None and self._respond is not None:
+            respond, self._respond = self._respond, None
+            respond(ready)
+        if self._paused_unclaimed is None:
+            # Body bytes came with the head and nobody took them in this read: stop reading
+            # until someone does (deliver_to).  Decided here, after the response was handed
+            # on, so that the usual case (the body taken at once) costs no pause and resume
+            # of the socket (two epoll_ctl calls per response).
+            if self._receiver is None and self._pending and self.transport is not None:
+                self._paused_unclaimed = True
+                self.transport.pauseProducing()
+            else:
+                self._paused_unclaimed = False
 
     def _bad(self, reason: str, detail: str) -> None:
         metrics.UPSTREAM_BAD_RESPONSES.labels(reason=reason).inc()
@@ -276,9 +307,9 @@ class UpstreamConnection(Protocol):
         failure = Failure(BadResponse(reason, detail))
         self._keep_alive = False
         self._ready = None
-        if self._response_d is not None:
-            d, self._response_d = self._response_d, None
-            d.errback(failure)
+        if self._respond is not None:
+            respond, self._respond = self._respond, None
+            respond(failure)
         elif self._receiver is not None:
             receiver, self._receiver = self._receiver, None
             receiver.connectionLost(Failure(ResponseFailed([failure])))
@@ -349,8 +380,8 @@ class UpstreamConnection(Protocol):
             raise _Abort()
         if self._receiver is None:
             self._pending.append(data)
-            if self.transport is not None:
-                self.transport.pauseProducing()
+            if not self._paused_unclaimed:
+                self._paused_unclaimed = None  # decided at the end of this read (_feed)
         else:
             self._receiver.dataReceived(data)
 
@@ -360,15 +391,15 @@ class UpstreamConnection(Protocol):
             self._body_done()
 
     def _upgraded(self, rest: bytes) -> None:
-        if self._code != 101 or self._response_d is None:
+        if self._code != 101 or self._respond is None:
             return
         self._state = "tunnel"
         self._keep_alive = False
         self._pending = [rest] if rest else []
         if self.transport is not None:
             self.transport.pauseProducing()  # until the front end takes the tunnel
-        d, self._response_d = self._response_d, None
-        d.callback(UpstreamResponse(self, 101, self._phrase, self._headers, 0))
+        respond, self._respond = self._respond, None
+        respond(UpstreamResponse(self, 101, self._phrase, self._headers, 0))
 
     def become(self, protocol: Any) -> None:
         self._tunnel = protocol
@@ -395,10 +426,12 @@ class UpstreamConnection(Protocol):
         pending, self._pending = self._pending, []
         for chunk in pending:
             receiver.dataReceived(chunk)
+        if self._paused_unclaimed:
+            self._paused_unclaimed = False
+            if self.transport is not None and not self._done:
+                self.transport.resumeProducing()
         if self._done:
             self._finish_receiver(Failure(ResponseDone()))
-        elif self.transport is not None:
-            self.transport.resumeProducing()
 
     def _body_done(self) -> None:
         self._done = True
@@ -431,9 +464,9 @@ class UpstreamConnection(Protocol):
             tunnel, self._tunnel = self._tunnel, None
             tunnel.connectionLost(reason)
             return
-        if self._response_d is not None:
-            d, self._response_d = self._response_d, None
-            d.errback(Failure(ResponseNeverReceived([reason])))
+        if self._respond is not None:
+            respond, self._respond = self._respond, None
+            respond(Failure(ResponseNeverReceived([reason])))
         elif self._state == "body":
             if self._close_delimited:
                 self._body_done()

@@ -59,14 +59,17 @@ class UpstreamPool:
                 upgrade: bool = False) -> Deferred[IUpstreamResponse]:
         raw_head = request_head(method, path, headers, body)
         key = (address, port)
-        state: dict[str, Any] = {}
+        # One Deferred per request, settled directly by the connection (send_then): the
+        # Deferred chain this took before (the connection's own Deferred, a retry errback, two
+        # callbacks) was a few per cent of the CPU of a proxied request.
+        conn: UpstreamConnection | None = None
+        connector: Any = None
 
         def cancel(_: Deferred[IUpstreamResponse]) -> None:
-            conn = state.get("conn")
             if conn is not None:
                 conn.abort()
-            elif "connector" in state:
-                state["connector"].stopConnecting()
+            elif connector is not None:
+                connector.stopConnecting()
         result: Deferred[IUpstreamResponse] = Deferred(cancel)
 
         def settle(outcome: Any) -> None:
@@ -76,36 +79,36 @@ class UpstreamPool:
                 else:
                     result.callback(outcome)
 
-        def send_on(conn: UpstreamConnection) -> Deferred[IUpstreamResponse]:
-            state["conn"] = conn
-            return conn.send(method, raw_head, body, upgrade)
-
         def fresh() -> None:
-            state.pop("conn", None)
+            nonlocal conn, connector
+            conn = None
             connected: Deferred[UpstreamConnection] = Deferred()
-            state["connector"] = self.reactor.connectTCP(
+            connector = self.reactor.connectTCP(
                 address, port, _Factory(self, key, connected), timeout=self.connect_timeout)
-            connected.addCallbacks(lambda conn: send_on(conn).addBoth(settle), settle)
+            connected.addCallbacks(send_fresh, settle)
+
+        def send_fresh(made: UpstreamConnection) -> None:
+            nonlocal conn
+            conn = made
+            made.send_then(method, raw_head, body, upgrade, settle)
 
         # An upgrade becomes a tunnel: it gets a connection of its own.
         reused = None if upgrade else self._take(key)
         if reused is None:
             fresh()
             return result
-        attempt = send_on(reused)
+        conn = reused
         if body is None and method in _RETRYABLE:
             # A kept-alive connection the shard closed just as it was reused: the request
             # never got an answer and had no body, so it is safe to send it again once.
-            def retry(failure: Failure) -> Any:
-                if failure.check(ResponseNeverReceived) and not result.called:
+            def settle_or_retry(outcome: Any) -> None:
+                if isinstance(outcome, Failure) and outcome.check(ResponseNeverReceived) and not result.called:
                     fresh()
-                    return None
-                return failure
-            attempt.addErrback(retry)
-            attempt.addCallback(lambda outcome: None if outcome is None else settle(outcome))
-            attempt.addErrback(settle)
+                else:
+                    settle(outcome)
+            reused.send_then(method, raw_head, body, upgrade, settle_or_retry)
         else:
-            attempt.addBoth(settle)
+            reused.send_then(method, raw_head, body, upgrade, settle)
         return result
 
     def _take(self, key: tuple[str, int]) -> UpstreamConnection | None:
