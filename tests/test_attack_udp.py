@@ -155,3 +155,194 @@ def test_a_packet_length_past_the_datagram_is_dropped():
     with pytest.raises(quic.QuicDrop) as caught:
         quic.InitialReader().feed(bytes(datagram))
     assert caught.value.reason == "truncated"
+
+
+def test_a_first_initial_with_a_short_connection_id_is_dropped():
+    # RFC 9000 7.2: at least 8 bytes.  A 1-byte ID would also be looked up for every other
+    # client's short-header datagram from a new address (a byte of theirs would match it).
+    good, _ = hellos()
+    with pytest.raises(quic.QuicDrop) as caught:
+        quic.InitialReader().feed(initial(b"\x07", crypto_frame(0, good)))
+    assert caught.value.reason == "not_quic"
+
+
+# -- the door in the real gateway, with a plain UDP socket as the shard ---------------------------
+
+SERVER_CID = bytes.fromhex("5e5e5e5e5e5e5e5e")
+
+
+def server_initial(client_cid: bytes, payload_size: int = 900) -> bytes:
+    """What a shard's Initial looks like to the gateway (it never decrypts it): a long header
+    carrying the shard's own connection ID."""
+    payload = os.urandom(payload_size)
+    return (bytes([0xC0]) + quic.QUIC_V1.to_bytes(4, "big") + bytes([len(client_cid)]) + client_cid
+            + bytes([len(SERVER_CID)]) + SERVER_CID + b"\x00" + varint(len(payload)) + payload)
+
+
+def short_packet(cid: bytes = SERVER_CID, size: int = 60) -> bytes:
+    return bytes([0x40]) + cid + os.urandom(size)
+
+
+class FakeShard:
+    """A UDP socket as the shard's QUIC port: what it received and from which gateway socket."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(5)
+        self.port = self.sock.getsockname()[1]
+
+    def recv(self) -> tuple[bytes, tuple[str, int]]:
+        return self.sock.recvfrom(65536)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def fake_shard():
+    s = FakeShard()
+    yield s
+    s.close()
+
+
+def udp_socket(timeout: float = 5) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(timeout)
+    return s
+
+
+def drain(s: socket.socket, quiet: float = 0.3) -> list[bytes]:
+    """Every datagram waiting on C{s}, until none came for C{quiet} seconds."""
+    out = []
+    s.settimeout(quiet)
+    try:
+        for _ in range(10000):  # bounded
+            out.append(s.recv(65536))
+    except socket.timeout:
+        pass
+    return out
+
+
+def quic_gateway(start_gateway, fake_shard, **quic_settings):
+    from test_quic_e2e import udp_port
+    gw = start_gateway(shards=[shard("s-app", "app", 443, fake_shard.port, protocol="quic")],
+                       config={"quic": quic_settings} if quic_settings else None)
+    return gw, udp_port(gw)
+
+
+def open_flow(port: int, fake_shard: FakeShard, client: socket.socket,
+              validate: bool = True) -> tuple[str, int]:
+    """A flow of C{client} through the gateway to the fake shard (its Initial routed by SNI,
+    the shard's Initial back, and with C{validate} a short-header datagram naming the shard's
+    connection ID); the gateway socket the shard sees for it."""
+    good, _ = hellos()
+    client.sendto(initial(DCID, crypto_frame(0, good)), ("127.0.0.1", port))
+    first, upstream = fake_shard.recv()
+    assert quic.parse_long_header(first).dcid == DCID
+    fake_shard.sock.sendto(server_initial(b"\x11" * 8), upstream)
+    assert quic.parse_long_header(client.recv(65536)).scid == SERVER_CID
+    if validate:
+        client.sendto(short_packet(), ("127.0.0.1", port))
+        _, again = fake_shard.recv()
+        assert again == upstream
+    return upstream
+
+
+def test_a_shard_flooding_an_address_that_never_answered_is_held_to_three_times(start_gateway, fake_shard):
+    gw, port = quic_gateway(start_gateway, fake_shard)
+    victim = udp_socket()
+    try:
+        upstream = open_flow(port, fake_shard, victim, validate=False)
+        # One 1200-byte Initial "from the victim" (spoofed, as far as the gateway can tell):
+        # the shard answers with 60 datagrams of 1 kB.
+        for _ in range(60):
+            fake_shard.sock.sendto(short_packet(size=1000), upstream)
+        received = drain(victim)
+        total = sum(map(len, received)) + len(server_initial(b"\x11" * 8))
+        assert total <= 3 * quic.MIN_INITIAL_DATAGRAM, f"{total} bytes for one Initial of 1200"
+        assert gw.metric("gateway_udp_dropped_total", listener="quic", reason="amplification_limit") >= 55
+        # The client names the shard's connection ID: it reads the answers; no limit now.
+        victim.sendto(short_packet(), ("127.0.0.1", port))
+        assert fake_shard.recv()[1] == upstream
+        for _ in range(20):
+            fake_shard.sock.sendto(short_packet(size=1000), upstream)
+        assert len(drain(victim)) == 20
+    finally:
+        victim.close()
+
+
+def test_a_stranger_who_knows_the_connection_id_does_not_get_the_flows_answers(start_gateway, fake_shard):
+    gw, port = quic_gateway(start_gateway, fake_shard)
+    client, stranger = udp_socket(), udp_socket()
+    try:
+        upstream = open_flow(port, fake_shard, client)
+        # The stranger (an observer of the client's datagrams) sends one naming the same ID.
+        stranger.sendto(short_packet(), ("127.0.0.1", port))
+        data, seen_from = fake_shard.recv()
+        assert data.startswith(b"\x40" + SERVER_CID)
+        # The shard sees it on another socket of the gateway: a new address, which a QUIC
+        # server validates (PATH_CHALLENGE) before it moves the connection.  Before the fix the
+        # gateway moved the flow to the stranger, who then got every answer.
+        assert seen_from != upstream
+        fake_shard.sock.sendto(short_packet(size=100), upstream)
+        assert len(client.recv(65536)) == 1 + 8 + 100
+        assert drain(stranger) == []
+        # A path of its own gets the shard's answers on it (the shard's path validation).
+        fake_shard.sock.sendto(short_packet(size=40), seen_from)
+        assert len(stranger.recv(65536)) == 1 + 8 + 40
+        assert drain(client) == []
+        # And a flow has a few paths at most, however many strangers.
+        others = [udp_socket() for _ in range(6)]
+        try:
+            for s in others:
+                s.sendto(short_packet(), ("127.0.0.1", port))
+            wait_for(lambda: gw.metric("gateway_udp_dropped_total", listener="quic",
+                                       reason="too_many_paths") >= 4, 10, what="paths bounded")
+        finally:
+            for s in others:
+                s.close()
+    finally:
+        client.close()
+        stranger.close()
+
+
+def test_a_flood_of_spoofed_initials_does_not_evict_an_established_flow(start_gateway, fake_shard):
+    gw, port = quic_gateway(start_gateway, fake_shard, max_flows=3)
+    client = udp_socket()
+    flood = [udp_socket() for _ in range(10)]
+    try:
+        upstream = open_flow(port, fake_shard, client)
+        good, _ = hellos()
+        for i, s in enumerate(flood):
+            s.sendto(initial(bytes([0x20 + i]) * 8, crypto_frame(0, good)), ("127.0.0.1", port))
+            fake_shard.recv()
+        wait_for(lambda: gw.metric("gateway_udp_sessions_closed_total", protocol="quic",
+                                   reason="evicted") >= 8, 10, what="evictions")
+        # The established flow is still there, on the same upstream socket.
+        client.sendto(short_packet(), ("127.0.0.1", port))
+        assert fake_shard.recv()[1] == upstream
+        fake_shard.sock.sendto(short_packet(size=10), upstream)
+        assert len(client.recv(65536)) == 1 + 8 + 10
+    finally:
+        client.close()
+        for s in flood:
+            s.close()
+
+
+def test_the_pending_table_bound_holds_against_many_half_hellos(start_gateway, fake_shard):
+    gw, port = quic_gateway(start_gateway, fake_shard, max_pending=5)
+    good, _ = hellos()
+    sockets = [udp_socket() for _ in range(20)]
+    try:
+        for i, s in enumerate(sockets):  # each sends half a ClientHello and never the rest
+            s.sendto(initial(bytes([0x40 + i]) * 8, crypto_frame(0, good[:100])), ("127.0.0.1", port))
+        wait_for(lambda: gw.metric("gateway_udp_dropped_total", listener="quic", reason="pending_full") == 15,
+                 10, what="pending_full counted")
+        assert gw.metric("gateway_quic_pending_flows") == 5
+        wait_for(lambda: gw.metric("gateway_quic_pending_flows") == 0, 15, what="pending timed out")
+        assert gw.metric("gateway_udp_dropped_total", listener="quic", reason="pending_timeout") == 5
+    finally:
+        for s in sockets:
+            s.close()

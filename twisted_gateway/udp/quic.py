@@ -41,6 +41,9 @@ server discards smaller ones."""
 MAX_CID_LENGTH = 20
 """RFC 9000 17.2: connection IDs of versions 1 and 2 are at most 20 bytes."""
 
+MIN_CLIENT_DCID = 8
+"""RFC 9000 7.2: a client's first Initial names a destination connection ID of 8 bytes or more."""
+
 
 @attrs.frozen
 class _Version:
@@ -356,6 +359,9 @@ class InitialReader:
             raise QuicDrop("not_initial", f"a {header.packet_type} packet opens the flow")
         if len(datagram) < MIN_INITIAL_DATAGRAM:
             raise QuicDrop("undersized_initial", f"an Initial in a datagram of {len(datagram)} bytes")
+        if len(header.dcid) < MIN_CLIENT_DCID:
+            # RFC 9000 7.2; and a short ID would find this flow for other clients' datagrams.
+            raise QuicDrop("not_quic", f"a first Initial with a connection ID of {len(header.dcid)} bytes")
         return header
 
     def feed(self, datagram: bytes) -> ClientHello | HelloError | NeedMore:

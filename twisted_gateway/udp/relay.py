@@ -33,7 +33,20 @@ from twisted_gateway.udp.decide import DatagramPolicy, DatagramRoute, Drop, deci
 Address = tuple[str, int]
 
 MAX_CIDS_PER_SESSION = 8
-"""Server connection IDs remembered per QUIC flow (they come from its long-header packets)."""
+"""Connection IDs remembered per QUIC flow (the client's first and the server's, from its
+long-header packets)."""
+
+MAX_PATHS_PER_FLOW = 4
+"""Client addresses one QUIC flow may be relayed for at once (its first and those it migrated
+to, each with its own upstream socket)."""
+
+AMPLIFICATION_FACTOR = 3
+"""RFC 9000 8.1: until a client address is validated, at most three times the bytes received
+from it are sent to it."""
+
+MIN_LOOKUP_CID = 4
+"""Shorter server connection IDs are not used to find a flow from a new address: a byte or two
+would match other flows' datagrams."""
 
 
 @attrs.frozen
@@ -73,7 +86,12 @@ class Session(DatagramProtocol):
         self.port: Any = None
         self.queue: Optional[list[bytes]] = None
         """Datagrams held while the shard's host name resolves."""
-        self.cids: list[bytes] = []
+        self.flow: Optional[Flow] = None
+        """QUIC: the connection this client address is a path of."""
+        self.validated = True
+        """False while a QUIC client address has not shown it receives what it is sent (it
+        has not named a connection ID only the shard's answers carry): the shard's datagrams to
+        it are held to L{AMPLIFICATION_FACTOR} times what it sent."""
         self.up = self.down = self.up_bytes = self.down_bytes = 0
         self.closed = False
 
@@ -185,9 +203,14 @@ class DatagramDoor(DatagramProtocol):
         if session is not None:
             session.last = self.reactor.seconds()
             self.sessions.move_to_end(client)
+            if not session.validated:
+                self.check_validation(session, datagram)
             session.send(datagram)
             return
         self.new_client(datagram, client)
+
+    def check_validation(self, session: Session, datagram: bytes) -> None:
+        """QUIC: whether this datagram of an unvalidated client proves its address."""
 
     def new_client(self, datagram: bytes, client: Address) -> None:
         raise NotImplementedError
@@ -216,8 +239,7 @@ class DatagramDoor(DatagramProtocol):
         """A new session for C{client} to C{route}'s port (evicting the longest idle session if
         the table is full), or None if no upstream socket could be made."""
         while len(self.sessions) >= self.settings.max_sessions:
-            _, oldest = next(iter(self.sessions.items()))
-            self.close_session(oldest, "evicted")
+            self.close_session(self.eviction_victim(), "evicted")
         now = self.reactor.seconds()
         session = Session(self, client, route, now)
         host, port = route.shard.address, route.port.target_port
@@ -283,6 +305,10 @@ class DatagramDoor(DatagramProtocol):
                 down_bytes=session.down_bytes, duration=self.reactor.seconds() - session.started,
                 event_kind="udp_access", listener=self.name)
 
+    def eviction_victim(self) -> Session:
+        """The session a full table ends for a new one: the longest idle."""
+        return next(iter(self.sessions.values()))
+
     def forget(self, session: Session) -> None:
         """Drop what else refers to a closed session (QUIC: its connection IDs)."""
 
@@ -323,6 +349,28 @@ class UDPRouteDoor(DatagramDoor):
             session.send(datagram)
 
 
+@attrs.define(eq=False)
+class Flow:
+    """One QUIC connection as the gateway knows it: its shard, the connection IDs it is known
+    by, and its paths (a L{Session} per client address, each with an upstream socket of its
+    own, so the shard sees a client that moved as a new address and validates it itself,
+    RFC 9000 9)."""
+
+    route: Route
+    cids: list[bytes] = attrs.field(factory=list)
+    server_cids: set[bytes] = attrs.field(factory=set)
+    """The IDs the shard chose: a client naming one has seen the shard's answers."""
+    paths: list[Session] = attrs.field(factory=list)
+
+    def names_server_cid(self, datagram: bytes) -> bool:
+        if not self.server_cids or len(datagram) < 2:
+            return False
+        if datagram[0] & 0x80:
+            length = datagram[5] if len(datagram) > 5 else 0
+            return datagram[6:6 + length] in self.server_cids
+        return any(datagram.startswith(cid, 1) for cid in self.server_cids)
+
+
 @attrs.define
 class _Pending:
     """A new QUIC client whose ClientHello is not complete yet."""
@@ -341,8 +389,11 @@ class QUICDoor(DatagramDoor):
                  policy: DatagramPolicy) -> None:
         super().__init__(reactor, "quic", directory, settings, policy)
         self.pending: collections.OrderedDict[Address, _Pending] = collections.OrderedDict()
-        self.by_cid: dict[bytes, Session] = {}
+        self.by_cid: dict[bytes, Flow] = {}
         self.cid_lengths: set[int] = set()
+        self.unvalidated: collections.OrderedDict[Address, Session] = collections.OrderedDict()
+        """The sessions whose client has not proven its address, oldest first: a full table
+        ends these first, so a flood of spoofed Initials cannot push out established flows."""
 
     def _set_pending_gauge(self) -> None:
         metrics.QUIC_PENDING.set(len(self.pending))
@@ -358,11 +409,11 @@ class QUICDoor(DatagramDoor):
         if not datagram[0] & 0x80:
             # A short header from an address without a flow: a client whose address changed
             # (a NAT rebinding) still names the server's connection ID.
-            session = self._session_by_short_cid(datagram)
-            if session is None:
+            flow = self._flow_by_short_cid(datagram)
+            if flow is None:
                 self.count_drop("unknown_connection")
                 return
-            self._rebind(session, client, datagram)
+            self._new_path(flow, client, datagram)
             return
         try:
             header = quic.parse_long_header(datagram)
@@ -370,7 +421,7 @@ class QUICDoor(DatagramDoor):
             self.count_drop(e.reason)
             return
         if header.version != 0 and header.dcid in self.by_cid:
-            self._rebind(self.by_cid[header.dcid], client, datagram)
+            self._new_path(self.by_cid[header.dcid], client, datagram)
             return
         if header.packet_type == "unknown":
             if len(datagram) >= quic.MIN_INITIAL_DATAGRAM:
@@ -431,8 +482,10 @@ class QUICDoor(DatagramDoor):
             session = self.open_session(client, decision.route)
             if session is None:
                 return
+            flow = Flow(decision.route)
+            self._join(session, flow, validated=False)
             if pending.reader.dcid:
-                self._remember_cid(session, pending.reader.dcid)
+                self._remember_cid(flow, pending.reader.dcid)
             for datagram in pending.datagrams:
                 session.send(datagram)
         elif isinstance(result, HelloError):
@@ -448,41 +501,87 @@ class QUICDoor(DatagramDoor):
 
     # -- connection IDs -------------------------------------------------------------------------
 
-    def _session_by_short_cid(self, datagram: bytes) -> Optional[Session]:
-        for length in self.cid_lengths:
-            session = self.by_cid.get(datagram[1:1 + length])
-            if session is not None and len(datagram) > length:
-                return session
+    def _flow_by_short_cid(self, datagram: bytes) -> Optional[Flow]:
+        for length in sorted(self.cid_lengths, reverse=True):
+            flow = self.by_cid.get(datagram[1:1 + length])
+            if flow is not None and len(datagram) > length:
+                return flow
         return None
 
-    def _rebind(self, session: Session, client: Address, datagram: bytes) -> None:
-        """The flow's client now sends from C{client}: replies follow it there."""
-        if self.sessions.get(session.client) is session:
-            del self.sessions[session.client]
-        self.log.debug("quic: flow of {old} continues from {new}", old=f"{session.client[0]}:{session.client[1]}",
+    def _join(self, session: Session, flow: Flow, validated: bool) -> None:
+        session.flow = flow
+        flow.paths.append(session)
+        session.validated = validated
+        if not validated:
+            self.unvalidated[session.client] = session
+
+    def _new_path(self, flow: Flow, client: Address, datagram: bytes) -> None:
+        """A datagram naming a known flow's connection ID from an address the flow has no path
+        for: a client that moved (a NAT rebinding, a new network), or anyone who learned the
+        ID.  It gets a path of its own, with its own upstream socket: the shard sees a new
+        address and validates it (RFC 9000 9.3) before it moves the connection there, and the
+        flow's other paths, and where their replies go, are untouched."""
+        live = [p for p in flow.paths if not p.closed]
+        if len(live) >= MAX_PATHS_PER_FLOW:
+            self.count_drop("too_many_paths")
+            return
+        session = self.open_session(client, flow.route)
+        if session is None:
+            return
+        self.log.debug("quic: a flow of {old} is also seen from {new}",
+                       old=", ".join(f"{p.client[0]}:{p.client[1]}" for p in live),
                        new=f"{client[0]}:{client[1]}")
-        session.client = client
-        self.sessions[client] = session
-        session.last = self.reactor.seconds()
+        self._join(session, flow, validated=flow.names_server_cid(datagram))
         session.send(datagram)
 
-    def _remember_cid(self, session: Session, cid: bytes) -> None:
-        if cid in session.cids or len(session.cids) >= MAX_CIDS_PER_SESSION:
+    def check_validation(self, session: Session, datagram: bytes) -> None:
+        if session.flow is not None and session.flow.names_server_cid(datagram):
+            session.validated = True
+            self.unvalidated.pop(session.client, None)
+
+    def _remember_cid(self, flow: Flow, cid: bytes, server: bool = False) -> None:
+        if server:
+            flow.server_cids.add(cid)
+        owner = self.by_cid.get(cid)
+        if owner is not None or len(flow.cids) >= MAX_CIDS_PER_SESSION:
+            return  # a shard cannot take over another flow's ID by announcing it
+        if server and len(cid) < MIN_LOOKUP_CID:
             return
-        session.cids.append(cid)
-        self.by_cid[cid] = session
+        flow.cids.append(cid)
+        self.by_cid[cid] = flow
         self.cid_lengths.add(len(cid))
 
+    def eviction_victim(self) -> Session:
+        for session in self.unvalidated.values():
+            return session
+        return super().eviction_victim()
+
     def from_upstream(self, session: Session, datagram: bytes) -> None:
-        if datagram and datagram[0] & 0x80 and not session.closed:
+        if session.closed:
+            return
+        if datagram and datagram[0] & 0x80 and session.flow is not None:
             # The server's long headers carry the connection IDs its client will use.
             for cid in quic.server_connection_ids(datagram):
-                self._remember_cid(session, cid)
+                self._remember_cid(session.flow, cid, server=True)
+        if not session.validated and (session.down_bytes + len(datagram)
+                                      > AMPLIFICATION_FACTOR * session.up_bytes):
+            # A client address that never showed it reads the answers (a spoofed Initial):
+            # the gateway does not become the shard's amplifier towards it.
+            self.count_drop("amplification_limit")
+            return
         super().from_upstream(session, datagram)
 
     def forget(self, session: Session) -> None:
-        for cid in session.cids:
-            if self.by_cid.get(cid) is session:
+        self.unvalidated.pop(session.client, None)
+        flow = session.flow
+        if flow is None:
+            return
+        if session in flow.paths:
+            flow.paths.remove(session)
+        if flow.paths:
+            return
+        for cid in flow.cids:
+            if self.by_cid.get(cid) is flow:
                 del self.by_cid[cid]
         if not self.by_cid:
             self.cid_lengths.clear()
@@ -504,4 +603,4 @@ class QUICDoor(DatagramDoor):
         self._set_pending_gauge()
 
 
-__all__ = ["DatagramDoor", "DatagramSettings", "QUICDoor", "Session", "UDPRouteDoor"]
+__all__ = ["DatagramDoor", "DatagramSettings", "Flow", "QUICDoor", "Session", "UDPRouteDoor"]
