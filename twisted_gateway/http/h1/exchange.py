@@ -32,11 +32,27 @@ if TYPE_CHECKING:
 
 
 class _ResponseRelay(ResponseRelay):
-    """Streams the shard's response body to the client with the gateway's framing."""
+    """
+    Streams the shard's response body to the client with the gateway's framing.
 
-    def __init__(self, exchange: H1Exchange, chunked: bool) -> None:
+    The response head waits in C{head} until the first body bytes (or the body's end) so that
+    both go to the client in one write: one TLS record and one send instead of two for the
+    common small response whose body came in the read that carried its head.  What is still
+    unwritten when the upstream has handed over what it had is written at once
+    (L{flush_head}), so a head never waits for a body that is still on its way.
+    """
+
+    def __init__(self, exchange: H1Exchange, chunked: bool, head: bytes) -> None:
         self.exchange = exchange
         self.chunked = chunked
+        self.head: bytes | None = head
+
+    def flush_head(self) -> None:
+        head, self.head = self.head, None
+        if head is not None and not self.exchange.finished:
+            client = self.exchange.conn.transport
+            if client is not None:
+                client.write(head)
 
     def makeConnection(self, transport: Any) -> None:
         # The shard's socket is paused while the client's is full (see H1ProxyConnection's
@@ -51,7 +67,12 @@ class _ResponseRelay(ResponseRelay):
         if client is None:
             return
         self.exchange.request.sent += len(data)
-        client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+        head = self.head
+        if head is not None:
+            self.head = None
+            framed = head + framed
+        client.write(framed)
 
     def body_ended(self, complete: bool) -> None:
         client = self.exchange.conn.transport
@@ -59,10 +80,15 @@ class _ResponseRelay(ResponseRelay):
         if not complete:
             # The shard broke off mid-body: the client sees a cut connection, never a short
             # body that looks whole.
+            self.flush_head()
             self.exchange.finish("upstream_reset", keep_alive=False, abort=True)
             return
-        if self.chunked and client is not None:
-            client.write(b"0\r\n\r\n")
+        if client is not None:
+            head, self.head = self.head, None
+            if self.chunked:
+                client.write(b"0\r\n\r\n" if head is None else head + b"0\r\n\r\n")
+            elif head is not None:
+                client.write(head)
         self.exchange.finish("ok")
 
 
@@ -195,9 +221,10 @@ class H1Exchange:
         elif not client_11:
             lines.append(b"Connection: keep-alive")
         lines += [name + b": " + value for name, value in fields]
-        conn.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
-        self.relay = _ResponseRelay(self, chunked)
-        response.deliverBody(self.relay)
+        self.relay = relay = _ResponseRelay(self, chunked, b"\r\n".join(lines) + b"\r\n\r\n")
+        response.deliverBody(relay)
+        # The body bytes that came with the head went out with it; if none did, the head goes now.
+        relay.flush_head()
 
     def _tunnel(self, response: Any) -> None:
         """The shard switched to the websocket protocol the gateway asked for."""
