@@ -27,6 +27,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from twisted_gateway.fastwrite import write_now
+from twisted_gateway.http.h2.hpack_out import LiteralEncoder
 from twisted_gateway.interfaces import IStreamTransport
 
 STREAM_WINDOW = 256 * 1024
@@ -261,6 +262,8 @@ _H2_CONNECTION: Any = GatewayH2Connection if h2.__version__.startswith("4.") els
 def new_connection(client_side: bool, max_header_bytes: int) -> h2.connection.H2Connection:
     """An h2 connection as the gateway runs one (either side), its preface prepared."""
     conn: h2.connection.H2Connection = _H2_CONNECTION(h2_config(client_side=client_side))
+    # Every block the gateway sends is encoded without the dynamic table (hpack_out).
+    conn.encoder = LiteralEncoder()  # type: ignore[assignment]
     conn.local_settings = h2_settings(client_side, max_header_bytes)
     # Initial settings never go through h2's settings-acknowledged path, which is where it
     # would apply this limit to its HPACK decoder: apply it here.
