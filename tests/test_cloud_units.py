@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from twisted_gateway import metrics
@@ -293,6 +294,17 @@ class FakeResponse:
 
     def content(self) -> Deferred[bytes]:
         return succeed(self.body)
+
+    @property
+    def length(self) -> int:
+        return len(self.body)
+
+    def deliverBody(self, protocol: Any) -> None:
+        from twisted.web.client import ResponseDone
+        protocol.makeConnection(None)
+        if self.body:
+            protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
 
 
 class FakeClient:

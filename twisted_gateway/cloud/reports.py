@@ -42,6 +42,7 @@ import random
 import re
 import time
 import uuid
+import zlib
 from typing import Any, Callable, Iterable, Mapping, cast
 
 import attrs
@@ -52,7 +53,8 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
-from twisted_gateway.cloud.link import auth_headers, backoff, describe, http_client
+from twisted_gateway.cloud.link import (ANSWER_MAX_BYTES, REQUEST_OPTIONS, auth_headers, backoff, describe,
+                                        http_client, read_body)
 from twisted_gateway.cloud.token import CloudIdentity
 from twisted_gateway.config import CloudConfig
 from twisted_gateway.tls.files import atomic_write, ensure_private_dir
@@ -85,6 +87,11 @@ def record_from_event(event: Mapping[str, Any]) -> dict[str, Any] | None:
         value = event.get(source)
         if value is None or isinstance(value, (str, int, float, bool)):
             record[name] = round(value, 6) if isinstance(value, float) else value
+    path = record.get("path")
+    if isinstance(path, str):
+        # The events' path has no query already; a query or fragment (where tokens and keys
+        # ride) never reaches a record whatever an event may carry one day.
+        record["path"] = path.split("?", 1)[0].split("#", 1)[0]
     return record
 
 
@@ -169,6 +176,12 @@ class Spool:
         for name in os.listdir(path):
             found = _NAME.match(name)
             if found is None:
+                if name.startswith(".tmp-"):
+                    # A write cut short (a crash, SIGKILL): never renamed, so never a batch.
+                    try:
+                        os.unlink(os.path.join(path, name))
+                    except OSError:
+                        pass
                 continue
             try:
                 size = os.path.getsize(os.path.join(path, name))
@@ -401,11 +414,21 @@ class ReportService(Service):
             self._gauges()
             self.reactor.callLater(0, self._send_next)
             return
+        try:
+            decode_batch(data)
+        except (ValueError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            # A file damaged on disk: the control plane can never take it, and any answer but
+            # 400 would have it retried for ever ahead of every batch behind it.
+            self.spool.remove(batch)
+            self._dropped("corrupt", [batch], f"its file {batch.name} is not a gzipped batch ({e})")
+            self._gauges()
+            self.reactor.callLater(0, self._send_next)
+            return
         self._sending = batch
         headers = auth_headers(self.identity.token.raw, Content_Type="application/json",
                                Content_Encoding="gzip", X_Batch_Id=batch.batch_id)
         d = self._client.post(f"{self.identity.base_url}/reports", data=data, headers=headers,
-                              timeout=self.cloud.request_timeout)
+                              timeout=self.cloud.request_timeout, **REQUEST_OPTIONS)
         self._request = d
         d.addCallback(self._answered, batch)
         d.addErrback(self._unreachable)
@@ -420,7 +443,7 @@ class ReportService(Service):
 
     def _answered(self, response: Any, batch: SpooledBatch) -> Any:
         code = response.code
-        d = response.content()
+        d = read_body(self.reactor, response, ANSWER_MAX_BYTES, self.cloud.request_timeout, "cloud reports")
         if 200 <= code < 300:
             d.addCallback(lambda _: self._delivered(batch))
         elif code in (400, 413):

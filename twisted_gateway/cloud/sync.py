@@ -46,7 +46,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_gateway import metrics
-from twisted_gateway.cloud.link import auth_headers, backoff, describe, http_client
+from twisted_gateway.cloud.link import (ANSWER_MAX_BYTES, REQUEST_OPTIONS, SYNC_MAX_BYTES, auth_headers,
+                                        backoff, describe, http_client, read_body)
 from twisted_gateway.cloud.token import CloudIdentity
 from twisted_gateway.config import AuthConfig, CloudConfig, ConfigError, GatewayConfig, LimitsConfig
 from twisted_gateway.directory.interfaces import IProviderStatus, ShardDirectory
@@ -316,7 +317,7 @@ class SyncProvider(Service):
         # an answer at once: a long poll would leave the link's state unknown for its wait.
         wait = self.cloud.sync_wait if self.state == "up" else 0.0
         d = self._client.get(url, headers=headers, params={"wait": f"{wait:g}"},
-                             timeout=wait + self.cloud.request_timeout)
+                             timeout=wait + self.cloud.request_timeout, **REQUEST_OPTIONS)
         self._request = d
         d.addCallback(self._answered)
         d.addErrback(self._unreachable)
@@ -331,18 +332,27 @@ class SyncProvider(Service):
     def _schedule(self, delay: float) -> None:
         self._next = self.reactor.callLater(delay, self._poll)
 
+    def _body(self, response: Any, limit: int) -> Deferred[bytes]:
+        return read_body(self.reactor, response, limit, self.cloud.request_timeout, "cloud /sync")
+
     def _answered(self, response: Any) -> Any:
         code = response.code
         if code == 304:
             self._up()
-            return response.content()
+            return self._body(response, ANSWER_MAX_BYTES)
         if code == 200:
             etags = response.headers.getRawHeaders(b"etag") or [b""]
-            d = response.content()
+            d = self._body(response, SYNC_MAX_BYTES)
             d.addCallback(lambda body: self._got(body, etags[0].decode("latin-1") or None))
             return d
         reason = "token_refused" if code in (401, 403) else "http_error"
-        d = response.content()
+        if 300 <= code < 400:
+            location = (response.headers.getRawHeaders(b"location") or [b"?"])[0]
+            d = self._body(response, ANSWER_MAX_BYTES)
+            d.addCallback(lambda _: self._failed(reason, f"HTTP {code}: a redirect (to "
+                                                         f"{location[:200].decode('latin-1')}), not followed"))
+            return d
+        d = self._body(response, ANSWER_MAX_BYTES)
         d.addCallback(lambda body: self._failed(reason, f"HTTP {code}: "
                                                         f"{body[:200].decode('utf-8', 'replace').strip()}"))
         return d
