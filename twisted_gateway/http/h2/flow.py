@@ -27,8 +27,11 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from twisted_gateway.fastwrite import write_now
+from twisted_gateway.http.h2 import hpack_in
 from twisted_gateway.http.h2.hpack_out import LiteralEncoder
 from twisted_gateway.interfaces import IStreamTransport
+
+hpack_in.install()  # Huffman-coded strings decoded once each (hpack_in)
 
 STREAM_WINDOW = 256 * 1024
 """The flow-control window the gateway gives each stream, on both sides."""
@@ -53,6 +56,7 @@ class H2Peer(Protocol):
         """The bodies waiting to be sent into this connection, by stream."""
         self._holds = 0
         self._flush_due = False
+        self._pumps_due: list[Pipe] = []
 
     def flush(self) -> None:
         if self._holds:
@@ -75,7 +79,16 @@ class H2Peer(Protocol):
 
     def release(self) -> None:
         self._holds -= 1
-        if not self._holds and self._flush_due:
+        if self._holds:
+            return
+        # The bodies pushed meanwhile go out now, each with its END_STREAM on its last DATA
+        # frame when its end is known by then (one frame, not an empty one after it).
+        while self._pumps_due:
+            due, self._pumps_due = self._pumps_due, []
+            for pipe in due:
+                pipe.pump_due = False
+                pipe.pump()
+        if self._flush_due:
             self._flush_due = False
             self.flush()
 
@@ -136,6 +149,8 @@ class Pipe:
         """None while open; True to end the stream; a header list to end it with trailers."""
         self.done = False
         self.held = 0
+        self.pump_due = False
+        """Waiting for the sink's L{H2Peer.release} to be pumped."""
         sink.pipes[stream_id] = self
 
     def push(self, data: bytes, flow_length: int) -> None:
@@ -156,6 +171,11 @@ class Pipe:
         sink = self.sink
         if self.done or sink.write_paused or sink.transport is None:
             return
+        if sink._holds:
+            if not self.pump_due:
+                self.pump_due = True
+                sink._pumps_due.append(self)
+            return
         conn = sink.h2
         sid = self.stream_id
         try:
@@ -165,10 +185,14 @@ class Pipe:
                 if window <= 0:
                     return
                 if len(data) <= window:
-                    conn.send_data(sid, data)
+                    last = self.end is True and len(self.chunks) == 1
+                    conn.send_data(sid, data, end_stream=last)
                     self.chunks.popleft()
                     self.held -= len(data)
                     self.consumed(len(data) + padding)
+                    if last:
+                        self._close()
+                        return
                 else:
                     conn.send_data(sid, data[:window])
                     self.chunks[0][0] = data[window:]

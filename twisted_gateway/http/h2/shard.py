@@ -162,6 +162,20 @@ class ShardConnection(H2Peer):
             listener.opened(self, stream_id)
 
     def dataReceived(self, data: bytes) -> None:
+        # What this read passes to the client goes out in one write, each response's body
+        # with its END_STREAM (H2Peer.hold).
+        partner = self.partner
+        if partner is None:
+            self._received(data)
+            return
+        partner.hold()
+        try:
+            self._received(data)
+        finally:
+            partner.release()
+        self.flush()  # the windows the bodies pumped at the release opened again
+
+    def _received(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
