@@ -102,7 +102,9 @@ class AdminApp:
         the client presented is ever logged (only the path, without its query, and why)."""
         if self.access is None:
             return None
-        why = self.access.check(request.getHeader(b"authorization"))
+        presented = request.requestHeaders.getRawHeaders(b"authorization") or []
+        # Two Authorization fields are ambiguous (which one would another hop have read?).
+        why = self.access.check(presented[0] if presented else None) if len(presented) <= 1 else "malformed"
         if why is None:
             return None
         client = getattr(request.getClientAddress(), "host", "?")

@@ -146,8 +146,65 @@ Answers = Mapping[int, Mapping[str, Any]]
 _PORT_COUNTS = ("active_connections", "connections", "bytes_up", "bytes_down")
 
 
+# A worker's answer is checked for the shape its merge reads before it is merged: one that
+# answers something else (a crash half-way, another version) is left out, as one that did not
+# answer is, instead of failing the whole answer.
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _dicts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+def _routes_shaped(answer: Any) -> bool:
+    if not isinstance(answer, dict):
+        return False
+    directory, totals = answer.get("directory", {}), answer.get("totals", {})
+    if not isinstance(directory, dict) or not isinstance(directory.get("shards", 0), int):
+        return False
+    if not isinstance(totals, dict) or not all(_number(v) for v in totals.values()):
+        return False
+    shards = answer.get("shards", [])
+    if not _dicts(shards):
+        return False
+    for shard in shards:
+        if not isinstance(shard.get("id"), str) or not _dicts(shard.get("ports", [])):
+            return False
+        for port in shard.get("ports", []):
+            if (not isinstance(port.get("port"), int) or isinstance(port.get("port"), bool)
+                    or not isinstance(port.get("protocol"), str)
+                    or not all(_number(port.get(n)) for n in _PORT_COUNTS)):
+                return False
+    return True
+
+
+def _certificates_shaped(answer: Any) -> bool:
+    if not isinstance(answer, dict) or not _dicts(answer.get("certificates", [])):
+        return False
+    return all(isinstance(c.get("names", []), list) and all(isinstance(n, str) for n in c.get("names", []))
+               and _number(c.get("not_after_timestamp")) and _number(c.get("failures"))
+               for c in answer.get("certificates", []))
+
+
+def _refusals_shaped(answer: Any) -> bool:
+    return (isinstance(answer, dict) and isinstance(answer.get("recorded", 0), int)
+            and _dicts(answer.get("refusals", []))
+            and all(_number(e.get("time")) for e in answer.get("refusals", [])))
+
+
+def _providers_shaped(answer: Any) -> bool:
+    return isinstance(answer, dict) and _dicts(answer.get("providers", []))
+
+
+def _shaped(answers: Answers, check: Any) -> dict[int, Mapping[str, Any]]:
+    return {index: answer for index, answer in answers.items() if check(answer)}
+
+
 def merge_routes(answers: Answers, hostname: str) -> dict[str, Any]:
     """The directory as the workers route it, with every port's counts added up over them."""
+    answers = _shaped(answers, _routes_shaped)
     shards: dict[str, dict[str, Any]] = {}
     ports: dict[tuple[str, int, str], dict[str, Any]] = {}
     totals: Counter[str] = Counter()
@@ -178,6 +235,7 @@ def merge_routes(answers: Answers, hostname: str) -> dict[str, Any]:
 
 def merge_certificates(answers: Answers) -> dict[str, Any]:
     """One entry per certificate (source and names): the one valid longest; the most failures."""
+    answers = _shaped(answers, _certificates_shaped)
     merged: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     for _, answer in sorted(answers.items()):
         for cert in answer.get("certificates", []):
@@ -198,6 +256,7 @@ def merge_certificates(answers: Answers) -> dict[str, Any]:
 def merge_refusals(answers: Answers, kept: int) -> dict[str, Any]:
     """Every worker's recent refusals (each marked with its worker), newest first, C{kept} at
     most."""
+    answers = _shaped(answers, _refusals_shaped)
     entries = [{**entry, "worker": index} for index, answer in answers.items()
                for entry in answer.get("refusals", [])]
     entries.sort(key=lambda e: e.get("time", 0), reverse=True)
@@ -211,6 +270,7 @@ _STATE_ORDER = {"ok": 0, "degraded": 1, "error": 2}
 def merge_providers(answers: Answers) -> dict[str, Any]:
     """One entry per provider (kind and source): the worst state and the oldest version any
     worker reports, with each worker's own under C{workers}."""
+    answers = _shaped(answers, _providers_shaped)
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for index, answer in sorted(answers.items()):
         for status in answer.get("providers", []):
