@@ -6,6 +6,7 @@ functions over name/value pairs, shared by every front end.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from twisted_gateway.http.policy import header_value_ok, strip_cookie
@@ -25,7 +26,24 @@ REASONS = {100: b"Continue", 200: b"OK", 204: b"No Content", 307: b"Temporary Re
 """The reason phrase the gateway writes on the status lines it writes itself."""
 _FORWARDING = frozenset({b"x-forwarded-for", b"forwarded"})
 _REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"host", b"expect"})
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# RFC 9110 5.6.2 tchar; the checks below run per request, so they are regular expressions (one
+# C-level scan) rather than a Python loop over bytes.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A space, a control byte, DEL or a byte over 0x7f: never in a request target or an authority.
+_NOT_VISIBLE_ASCII = re.compile(rb"[\x00-\x20\x7f-\xff]")
+# RFC 9112 4: a reason phrase is HTAB, SP, VCHAR and obs-text.
+_PHRASE = re.compile(rb"[\t\x20-\x7e\x80-\xff]+")
+# What a client's request never brings to the shard whatever its Connection field says: the
+# hop-by-hop and framing fields, the fields the gateway writes itself, its own forwarding fields.
+_NEVER_FROM_CLIENT = HOP_BY_HOP | _REPLACED | _FORWARDING
+
+
+def _listed(value: bytes, into: set[bytes]) -> None:
+    """Add the lower-cased tokens of a Connection field's value to C{into}."""
+    for token in value.split(b","):
+        token = token.strip()
+        if token:
+            into.add(token.lower())
 
 
 def connection_named(fields: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -33,7 +51,7 @@ def connection_named(fields: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     names = set(HOP_BY_HOP)
     for name, value in fields:
         if name.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            _listed(value, names)
     return names
 
 
@@ -48,9 +66,13 @@ def client_fields_for_shard(fields: Iterable[tuple[bytes, bytes]], host: bytes, 
     upstream.
     """
     fields = list(fields)
-    drop = connection_named(fields) | _REPLACED | _FORWARDING
+    named: set[bytes] = set()
+    for name, value in fields:
+        if name.lower() == b"connection":
+            _listed(value, named)
     # Connection cannot name away what the gateway itself writes.
-    drop -= {b"cookie", b"authorization"} if not private else {b"cookie"}
+    named -= {b"cookie", b"authorization"} if not private else {b"cookie"}
+    drop = _NEVER_FROM_CLIENT | named if named else _NEVER_FROM_CLIENT
     out: list[tuple[bytes, bytes]] = [(b"Host", host)]
     for name, value in fields:
         lname = name.lower()
@@ -87,20 +109,38 @@ def forwarding_claims(fields: Iterable[tuple[bytes, bytes]],
 
 def response_fields_for_client(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The shard's response fields without hop-by-hop and framing fields (the gateway frames)."""
-    fields = list(fields)
-    drop = connection_named(fields)
-    return [(n, v) for n, v in fields if n.lower() not in drop]
+    out: list[tuple[bytes, bytes]] = []
+    named: set[bytes] | None = None
+    for name, value in fields:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"connection":
+                if named is None:
+                    named = set()
+                _listed(value, named)
+            continue
+        out.append((name, value))
+    if named:
+        named -= HOP_BY_HOP  # "Connection: keep-alive" (the usual one) names nothing more
+        if named:
+            out = [(n, v) for n, v in out if n.lower() not in named]
+    return out
 
 
 def safe_phrase(phrase: bytes, default: bytes) -> bytes:
     """A reason phrase safe to write on a status line (RFC 9112 4: HTAB, SP, VCHAR, obs-text)."""
-    if phrase and all(c == 9 or 32 <= c != 127 for c in phrase):
+    if phrase and _PHRASE.fullmatch(phrase):
         return phrase
     return default
 
 
 def is_token(value: bytes) -> bool:
-    return bool(value) and all(c in _TOKEN for c in value)
+    return _TOKEN.fullmatch(value) is not None
+
+
+def visible_ascii(value: bytes) -> bool:
+    """Whether C{value} has no space, control, DEL or non-ASCII byte (a request target's bytes)."""
+    return _NOT_VISIBLE_ASCII.search(value) is None
 
 
 def h2_target_problem(method: bytes, path: bytes) -> str | None:
@@ -113,7 +153,7 @@ def h2_target_problem(method: bytes, path: bytes) -> str | None:
         return None if method == b"OPTIONS" else "'*' is a :path for OPTIONS only"
     if not path.startswith(b"/"):
         return ":path is not origin-form"
-    if any(c <= 0x20 or c >= 0x7F for c in path):
+    if not visible_ascii(path):
         return ":path holds a space, control or non-ASCII byte"
     return None
 
@@ -131,7 +171,7 @@ def h2_field_problem(name: bytes, value: bytes) -> str | None:
 def authority_host(authority: bytes) -> bytes | None:
     """The host of C{host[:port]} (RFC 3986 3.2.2-3.2.3), lower-cased without a trailing dot;
     None when it is not an authority (userinfo, controls, a port that is not a number)."""
-    if not authority or any(c <= 0x20 or c >= 0x7F for c in authority) or b"@" in authority:
+    if not authority or _NOT_VISIBLE_ASCII.search(authority) or b"@" in authority:
         return None
     if authority.startswith(b"["):
         end = authority.find(b"]")
@@ -149,4 +189,4 @@ def authority_host(authority: bytes) -> bytes | None:
 
 __all__ = ["HOP_BY_HOP", "REASONS", "authority_host", "client_fields_for_shard", "connection_named",
            "forwarding_claims", "h2_field_problem", "h2_target_problem", "is_token", "response_fields_for_client",
-           "safe_phrase"]
+           "safe_phrase", "visible_ascii"]

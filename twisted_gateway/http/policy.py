@@ -424,9 +424,18 @@ def gate(ctx: HTTPRouteContext, route: Route, request: RequestState) -> Answer |
     limit = ctx.max_body(route)
     if limit and request.declared_length is not None and request.declared_length > limit:
         return body_too_large(limit)
+    trusted = ctx.trusted(request.client_ip)
+    if not trusted or not (request.forwarded_for or request.forwarded):
+        # The gateway's own hop only: the same fields for every request of this client and host.
+        return _own_hop(request.client_ip, request.authority)
     forwarding = forwarding_headers(list(request.forwarded_for), list(request.forwarded), request.client_ip,
-                                    request.authority, trusted=ctx.trusted(request.client_ip))
+                                    request.authority, trusted=True)
     return Admitted(tuple(forwarding))
+
+
+@functools.lru_cache(maxsize=1024)
+def _own_hop(client_ip: str, host: bytes) -> Admitted:
+    return Admitted(tuple(forwarding_headers([], [], client_ip, host)))
 
 
 def body_too_large(limit: int) -> Answer:

@@ -42,6 +42,63 @@ if TYPE_CHECKING:
     from twisted_gateway.tls.connection import TLSServerConnection
 
 
+class Deadline:
+    """
+    A timer moved once or twice per request without a DelayedCall each time.
+
+    Keep-alive connections arm the idle timer after every response and cancel it at the next
+    request, and the response timer at every request's end; C{callLater} and C{cancel} for
+    each cost more than the rest of the timer handling together.  Here one DelayedCall stays
+    pending at or before the deadline: moving the deadline later only records it, clearing it
+    only forgets it, and when the call fires early it is scheduled again for what is left.
+    """
+
+    __slots__ = ("_reactor", "_call", "_when", "_func")
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._call: IDelayedCall | None = None
+        self._when: float | None = None
+        self._func: Any = None
+
+    @property
+    def armed(self) -> bool:
+        return self._when is not None
+
+    def set(self, delay: float, func: Any) -> None:
+        """Call C{func} C{delay} seconds from now, instead of whatever was set before."""
+        when = self._reactor.seconds() + delay
+        self._when, self._func = when, func
+        call = self._call
+        if call is None:
+            self._call = self._reactor.callLater(delay, self._fire)
+        elif call.getTime() > when:
+            call.reset(delay)
+
+    def clear(self) -> None:
+        self._when = self._func = None
+
+    def stop(self) -> None:
+        """Clear, and let go of the pending call (the connection is gone)."""
+        self._when = self._func = None
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _fire(self) -> None:
+        self._call = None
+        when = self._when
+        if when is None:
+            return
+        left = when - self._reactor.seconds()
+        if left > 1e-6:  # moved since this call was made: wait for the rest
+            self._call = self._reactor.callLater(left, self._fire)
+            return
+        func = self._func
+        self._when = self._func = None
+        func()
+
+
 @implementer(IHalfCloseableProtocol, IPushProducer)
 class H1ProxyConnection(Protocol):
     """An HTTP/1.1 client connection to a shard port, proxied request by request."""
@@ -73,7 +130,9 @@ class H1ProxyConnection(Protocol):
         self._stall: IDelayedCall | None = None
         self.client_ip = "?"
         self._pauses: set[str] = set()
-        self._idle: IDelayedCall | None = None
+        self._idle = Deadline(self.reactor)
+        self.response_deadline = Deadline(self.reactor)
+        """The response timer of the request in progress (L{H1Exchange.request_ended})."""
         self._head_timer: IDelayedCall | None = None
         self._rate_timer: IDelayedCall | None = None
         self._rate_mark = 0
@@ -156,7 +215,9 @@ class H1ProxyConnection(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closing = True
-        for timer in (self._idle, self._head_timer, self._rate_timer, self._stall):
+        self._idle.stop()
+        self.response_deadline.stop()
+        for timer in (self._head_timer, self._rate_timer, self._stall):
             if timer is not None and timer.active():
                 timer.cancel()
         exchange = self.exchange
@@ -253,7 +314,7 @@ class H1ProxyConnection(Protocol):
                 self.held = [event.rest] if event.rest else []
         if events and isinstance(events[0], (RequestHead, Rejected)):
             self.pause("pipelined")
-        if self.exchange is None and not self.events and not self.reader.in_head and self._idle is None \
+        if self.exchange is None and not self.events and not self.reader.in_head and not self._idle.armed \
                 and not self.closing:
             self._arm_idle()
 
@@ -367,17 +428,15 @@ class H1ProxyConnection(Protocol):
     # -- timers ----------------------------------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        self._cancel_idle()
-        if not self.closing:
-            self._idle = self.reactor.callLater(self.ctx.limits.http_idle_timeout, self._idle_timeout)
+        if self.closing:
+            self._idle.clear()
+        else:
+            self._idle.set(self.ctx.limits.http_idle_timeout, self._idle_timeout)
 
     def _cancel_idle(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        self._idle.clear()
 
     def _idle_timeout(self) -> None:
-        self._idle = None
         if self.exchange is None and not self.reader.in_head:
             self._close()
 

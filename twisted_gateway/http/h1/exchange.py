@@ -11,7 +11,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -19,7 +18,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted_gateway import metrics
 from twisted_gateway.http.body import ResponseRelay, StreamingBody, abandon
 from twisted_gateway.http.framing import (
-    REASONS, client_fields_for_shard, forwarding_claims, response_fields_for_client, safe_phrase,
+    REASONS, client_fields_for_shard, response_fields_for_client, safe_phrase,
 )
 from twisted_gateway.http.h1.parse import RequestHead, Rejected
 from twisted_gateway.http.policy import (
@@ -108,7 +107,8 @@ class H1Exchange:
         self.keep_alive = head.keep_alive
         self.deferred: Deferred[IUpstreamResponse] | None = None
         self.relay: _ResponseRelay | None = None
-        self.timer: IDelayedCall | None = None
+        self.timer_set = False
+        """Whether this request's response timer runs (the connection's L{response_deadline})."""
         self.timed_out = False
         self.abandoned = False
 
@@ -136,9 +136,12 @@ class H1Exchange:
                                   self.body, upgrade=self.upgrade)
         self.deferred = d
         d.addCallbacks(self._got_response, self._upstream_failed)
-        d.addErrback(lambda f: conn.log.failure("proxying failed", f))
+        d.addErrback(self._unexpected)
         if self.body is None:
             self.request_ended()
+
+    def _unexpected(self, failure: Failure) -> None:
+        self.conn.log.failure("proxying failed", failure)
 
     # -- the request body ----------------------------------------------------------------------
 
@@ -156,10 +159,11 @@ class H1Exchange:
         self.request_done = True
         if self.body is not None:
             self.body.finish()
-        if not self.response_started and not self.finished and self.timer is None:
+        if not self.response_started and not self.finished and not self.timer_set:
             # The response timeout runs from the end of the request: a long upload is not the
             # shard being slow.
-            self.timer = self.conn.reactor.callLater(self.conn.ctx.response_timeout, self._time_out)
+            self.timer_set = True
+            self.conn.response_deadline.set(self.conn.ctx.response_timeout, self._time_out)
 
     def broken(self, rejected: Rejected) -> None:
         """The body's framing broke mid-request: the shard request is abandoned."""
@@ -174,7 +178,7 @@ class H1Exchange:
         abandon(self.body, self.relay, d)
 
     def _time_out(self) -> None:
-        self.timer = None
+        self.timer_set = False
         self.timed_out = True
         d = self.deferred
         if d is not None and not d.called:
@@ -192,7 +196,7 @@ class H1Exchange:
         code = response.code
         self.request.status = code
         self.response_started = True
-        metrics.count_request("proxy", code, self.head.method)
+        _count_request(code, self.head.method)
         if code == 101:
             self._tunnel(response)
             return
@@ -271,10 +275,9 @@ class H1Exchange:
         return self.head.body == "none" and not self.conn.reader.done
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
+        if self.timer_set:
+            self.timer_set = False
+            self.conn.response_deadline.clear()
 
     def finish(self, outcome: str, keep_alive: bool = True, abort: bool = False) -> None:
         if self.finished:
@@ -286,24 +289,28 @@ class H1Exchange:
         self.conn.exchange_done(self, outcome, self.keep_alive and keep_alive, abort)
 
 
+_REQUEST_COUNTERS: dict[tuple[int, bytes], Any] = {}
+_COUNTED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+
+
+def _count_request(code: int, method: bytes) -> None:
+    """L{metrics.count_request} for a proxied response, with the series' child bound once per
+    status class and method (a label lookup per request costs more than the increment)."""
+    key = (code // 100, method if method in _COUNTED_METHODS else b"other")
+    child = _REQUEST_COUNTERS.get(key)
+    if child is None:
+        child = _REQUEST_COUNTERS[key] = metrics.HTTP_REQUESTS.labels(
+            route="proxy", code_class=f"{key[0]}xx", method=key[1].decode("ascii"))
+    child.inc()
+
+
 def _request_state(head: RequestHead, client_ip: str, private: bool, cookie_name: bytes) -> RequestState:
-    """What the gate and the access log need of C{head}, read in one pass over its fields: the
-    first Accept and Authorization, every Cookie, the forwarding claims."""
-    accept = authorization = None
-    cookies: list[bytes] = []
-    for name, value in head.fields:
-        lname = name.lower()
-        if lname == b"accept":
-            accept = value if accept is None else accept
-        elif lname == b"authorization":
-            authorization = value if authorization is None else authorization
-        elif lname == b"cookie":
-            cookies.append(value)
-    forwarded_for, forwarded = forwarding_claims(head.fields, head.connection)
+    """What the gate and the access log need of C{head} (read by L{check_head} in its one pass
+    over the fields: the first Accept and Authorization, every Cookie, the forwarding claims)."""
     return RequestState(
         head.method, head.target, head.host, head.version, client_ip,
-        token=request_token(authorization, cookies, cookie_name) if private else None,
-        accept=accept, declared_length=head.length, forwarded_for=forwarded_for, forwarded=forwarded)
+        request_token(head.authorization, head.cookies, cookie_name) if private else None,
+        head.accept, head.length, False, head.forwarded_for, head.forwarded)
 
 
 __all__ = ["H1Exchange"]

@@ -20,9 +20,18 @@ from typing import Any, Union
 import attrs
 import httptools
 
-from twisted_gateway.http.framing import authority_host, is_token
+from twisted_gateway.http.framing import authority_host, is_token, visible_ascii
 
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+_COMMON_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+"""Tokens, known without looking at their bytes again."""
+# The fields check_head and the gate read, by lower-cased name; every other field is only
+# carried along.  One dictionary lookup per field instead of a chain of comparisons.
+_READ_FIELDS = {name: index for index, name in enumerate((
+    b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect",
+    b"accept", b"authorization", b"cookie", b"x-forwarded-for", b"forwarded"))}
+_HOST, _LENGTH, _CODING, _CONNECTION, _UPGRADE, _EXPECT, _ACCEPT, _AUTHORIZATION, _COOKIE, _XFF, _FORWARDED = \
+    range(len(_READ_FIELDS))
 
 
 @attrs.frozen
@@ -46,6 +55,16 @@ class RequestHead:
     """The lower-cased protocols of C{Upgrade} when C{Connection} names C{upgrade}, else ()."""
     connection: frozenset[bytes]
     """The lower-cased field names (and options) C{Connection} lists."""
+    accept: bytes | None = None
+    """The first C{Accept} value (for the format of the gateway's own error pages)."""
+    authorization: bytes | None = None
+    """The first C{Authorization} value."""
+    cookies: tuple[bytes, ...] = ()
+    """Every C{Cookie} value."""
+    forwarded_for: tuple[bytes, ...] = ()
+    forwarded: tuple[bytes, ...] = ()
+    """The C{X-Forwarded-For} and C{Forwarded} values, but none that C{Connection} names (such a
+    field is hop-by-hop, RFC 9110 7.6.1, and never forwarded)."""
 
     @property
     def path(self) -> bytes:
@@ -83,23 +102,31 @@ def _tokens(values: list[bytes]) -> list[bytes]:
     return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
 
 
+def our_name(server_name: str) -> bytes:
+    """The TLS name as L{check_head} compares hosts with it."""
+    return server_name.lower().rstrip(".").encode()
+
+
 def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[bytes, bytes]],
-               server_name: str) -> RequestHead | Rejected:
+               server_name: str, ours: bytes | None = None) -> RequestHead | Rejected:
     """
     The head of one request as the gateway will act on it, or why it is refused.  Pure: every
-    rule here is unit-tested on bytes.
+    rule here is unit-tested on bytes.  C{ours}: L{our_name} of C{server_name}, when the caller
+    keeps it.
     """
-    if version.startswith("0."):
-        return _bad(400, "bad_request", "the request line is not METHOD target HTTP/1.x")
-    if version not in ("1.1", "1.0"):
+    if version != "1.1" and version != "1.0":
+        if version.startswith("0."):
+            return _bad(400, "bad_request", "the request line is not METHOD target HTTP/1.x")
         return _bad(505, "bad_request", "only HTTP/1.1 and HTTP/1.0 are served")
-    if method == b"CONNECT":
-        return _bad(405, "method_not_allowed", "CONNECT is not proxied to shards")
-    if not is_token(method):
-        return _bad(400, "bad_request", "the method is not a token")
-    if any(c <= 0x20 or c >= 0x7F for c in target):
+    if method not in _COMMON_METHODS:
+        if method == b"CONNECT":
+            return _bad(405, "method_not_allowed", "CONNECT is not proxied to shards")
+        if not is_token(method):
+            return _bad(400, "bad_request", "the method is not a token")
+    if not visible_ascii(target):
         return _bad(400, "bad_request", "the request target holds a space or control byte")
-    ours = server_name.lower().rstrip(".").encode()
+    if ours is None:
+        ours = our_name(server_name)
     absolute_host: bytes | None = None
     host_value = ours
     if target == b"*":
@@ -117,26 +144,23 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
         query = b"" if slash else rest[len(authority):]
         target = b"/" + path if slash else b"/" + query
         host_value = authority
-    hosts: list[bytes] = []
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    connection: list[bytes] = []
-    upgrade: list[bytes] = []
-    expect: list[bytes] = []
+    # One pass over the fields: the values of each field read here, by _READ_FIELDS index.
+    read: list[list[bytes] | None] = [None] * len(_READ_FIELDS)
+    slot_of = _READ_FIELDS.get
     for name, value in fields:
-        lname = name.lower()
-        if lname == b"host":
-            hosts.append(value)
-        elif lname == b"content-length":
-            lengths.append(value)
-        elif lname == b"transfer-encoding":
-            codings.append(value)
-        elif lname == b"connection":
-            connection.append(value)
-        elif lname == b"upgrade":
-            upgrade.append(value)
-        elif lname == b"expect":
-            expect.append(value)
+        slot = slot_of(name.lower())
+        if slot is not None:
+            values = read[slot]
+            if values is None:
+                read[slot] = [value]
+            else:
+                values.append(value)
+    hosts = read[_HOST] or ()
+    lengths = read[_LENGTH] or ()
+    codings = read[_CODING] or ()
+    connection = read[_CONNECTION] or []
+    upgrade = read[_UPGRADE] or []
+    expect = read[_EXPECT] or ()
     if len(hosts) > 1:
         return _bad(400, "bad_request", "a request carries one Host field")
     if hosts:
@@ -165,7 +189,7 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
         body = "length" if length else "none"
     else:
         body, length = "none", None
-    conn_tokens = _tokens(connection)
+    conn_tokens = _tokens(connection) if connection else []
     if version == "1.1":
         keep_alive = b"close" not in conn_tokens
     else:
@@ -175,11 +199,22 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
         # RFC 6455 4.1: the opening handshake is a GET without a body; one with a body is
         # not an upgrade the gateway would let the shard accept.
         return _bad(400, "bad_request", "a websocket upgrade request carries no body")
+    named = frozenset(conn_tokens)
+    forwarded_for = read[_XFF] or ()
+    forwarded = read[_FORWARDED] or ()
+    if named:
+        if b"x-forwarded-for" in named:
+            forwarded_for = ()
+        if b"forwarded" in named:
+            forwarded = ()
+    accept = read[_ACCEPT]
+    authorization = read[_AUTHORIZATION]
+    cookies = read[_COOKIE]
     return RequestHead(
-        method=method, target=target, version=version, fields=tuple(fields), host=host_value,
-        body=body, length=length, keep_alive=keep_alive,
-        expect_continue=any(v.strip().lower() == b"100-continue" for v in expect),
-        upgrade=upgrades, connection=frozenset(conn_tokens))
+        method, target, version, tuple(fields), host_value, body, length, keep_alive,
+        any(v.strip().lower() == b"100-continue" for v in expect) if expect else False,
+        upgrades, named, accept[0] if accept else None, authorization[0] if authorization else None,
+        tuple(cookies) if cookies else (), tuple(forwarded_for), tuple(forwarded))
 
 
 def needs_length_field(method: bytes) -> bool:
@@ -200,6 +235,7 @@ class RequestReader:
 
     def __init__(self, server_name: str, max_head_bytes: int, max_fields: int) -> None:
         self.server_name = server_name
+        self._ours = our_name(server_name)
         self.max_head_bytes = max_head_bytes
         self.max_fields = max_fields
         self._parser: Any = httptools.HttpRequestParser(self)
@@ -325,7 +361,7 @@ class RequestReader:
         self._head_bytes = 0
         parser = self._parser
         head = check_head(parser.get_method(), self._url, parser.get_http_version(),
-                          self._fields, self.server_name)
+                          self._fields, self.server_name, self._ours)
         if isinstance(head, Rejected):
             self._rejected = head
             raise _Abort()
@@ -359,4 +395,4 @@ def _parse_error(message: str) -> Rejected:
 
 
 __all__ = ["END", "Event", "RequestHead", "RequestReader", "Rejected", "Stopped", "check_head",
-           "needs_length_field"]
+           "needs_length_field", "our_name"]
