@@ -15,7 +15,6 @@ while the client is not reading, and an idle and a stalled-reader timeout.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Callable
 
 import h2.errors
@@ -30,6 +29,10 @@ from twisted_gateway.directory.model import Route
 from twisted_gateway.http.context import HTTPRouteContext
 from twisted_gateway.http.errors import render_error
 from twisted_gateway.http.framing import authority_host, h2_field_problem, h2_target_problem
+from twisted_gateway.http.h2.fields import (
+    COMMON_METHODS, CONNECTION_FIELDS, REQUEST_PSEUDO, field_name_ok, field_value_ok, origin_path_ok,
+    trailers_problem,
+)
 from twisted_gateway.http.h2.flow import (
     H2Peer, Pipe, new_connection, protocol_error_kind,
 )
@@ -41,33 +44,6 @@ from twisted_gateway.http.policy import (
 )
 from twisted_gateway.http.upstream import IUpstream
 from twisted_gateway.limits import TokenBucket
-
-# A client's fields are checked here, not by h2 (flow.h2_config): RFC 9113 8.2.1 (a field name
-# is lower case, with no byte h2 forbids; a value has no NUL, CR or LF and does not begin or end
-# with whitespace), narrowed to what an HTTP/1.1 hop may carry (RFC 9110 5.1, 5.5: a name is a
-# token, a value has no control byte but tab).  One regular expression each, C speed.
-_field_name_ok = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z").match
-_field_value_ok = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?\Z").match
-_origin_path_ok = re.compile(rb"/[\x21-\x7e]*\Z").match
-"""An origin-form :path without space, control or non-ASCII bytes (the common case of
-L{h2_target_problem}, which decides every other)."""
-_COMMON_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
-"""Fields an h2 message must not carry (RFC 9113 8.2.2); C{te} only as C{trailers}."""
-
-
-def trailers_problem(trailers: list[tuple[bytes, bytes]]) -> str | None:
-    """Why a client's trailer section is malformed (RFC 9113 8.1, 8.2), or None."""
-    for name, value in trailers:
-        if name[:1] == b":":
-            return "a pseudo-field in trailers"
-        if _field_name_ok(name) is None or _field_value_ok(value) is None:
-            return "a field name or value h2 forbids"
-        if name in CONNECTION_FIELDS or name == b"te":
-            return "a connection-specific field"
-    return None
-
 
 # gRPC status codes (grpc/doc/statuscodes.md) for the errors the gateway answers itself.
 _GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 413: 8, 429: 8, 502: 14, 503: 14, 504: 4}
@@ -281,12 +257,12 @@ class H2FrontConnection(H2Peer):
         for name, value in headers:
             if name[:1] == b":":
                 # RFC 9113 8.3: the request pseudo-fields, each once, before every other field.
-                if regular_seen or name not in _REQUEST_PSEUDO or name in pseudo:
+                if regular_seen or name not in REQUEST_PSEUDO or name in pseudo:
                     problem = problem or "a misplaced, repeated or unknown pseudo-field"
                 pseudo[name] = value
                 continue
             regular_seen = True
-            if problem is None and (_field_name_ok(name) is None or _field_value_ok(value) is None):
+            if problem is None and (field_name_ok(name) is None or field_value_ok(value) is None):
                 problem = h2_field_problem(name, value) or "a field name or value h2 forbids (RFC 9113 8.2.1)"
             if name in CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
                 problem = problem or "a connection-specific field (RFC 9113 8.2.2)"
@@ -332,7 +308,7 @@ class H2FrontConnection(H2Peer):
             method, path = method or b"GET", path or b"/"
         elif path is None:
             path = b""
-        if problem is None and not (method in _COMMON_METHODS and _origin_path_ok(path) is not None):
+        if problem is None and not (method in COMMON_METHODS and origin_path_ok(path) is not None):
             problem = h2_target_problem(method, path)
         if problem is None and pseudo.get(b":scheme", b"https") not in (b"https", b"http"):
             problem = ":scheme is not https"

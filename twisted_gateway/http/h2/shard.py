@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
+from twisted_gateway.http.h2.fields import response_problem, trailers_problem
 from twisted_gateway.http.h2.flow import (
     H2Peer, error_name, new_connection, protocol_error_kind,
 )
@@ -190,7 +191,11 @@ class ShardConnection(H2Peer):
             listener = self.listeners.get(getattr(event, "stream_id", 0) or 0)
             if isinstance(event, h2.events.ResponseReceived):
                 if listener is not None:
-                    listener.response(event.headers, event.stream_ended is not None)
+                    problem = response_problem(event.headers)
+                    if problem is None:
+                        listener.response(event.headers, event.stream_ended is not None)
+                    else:
+                        self._malformed(event.stream_id, listener, problem)
             elif isinstance(event, h2.events.DataReceived):
                 if listener is not None:
                     listener.data(event.data, event.flow_controlled_length)
@@ -198,7 +203,11 @@ class ShardConnection(H2Peer):
                     self.ack(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, h2.events.TrailersReceived):
                 if listener is not None:
-                    listener.trailers(event.headers)
+                    problem = trailers_problem(event.headers)
+                    if problem is None:
+                        listener.trailers(event.headers)
+                    else:
+                        self._malformed(event.stream_id, listener, problem)
             elif isinstance(event, h2.events.StreamEnded):
                 if listener is not None:
                     del self.listeners[event.stream_id]
@@ -220,6 +229,24 @@ class ShardConnection(H2Peer):
         if self.state == "open":
             self._open_waiting()
         self.flush_both()
+
+    def _malformed(self, stream_id: int, listener: ShardListener, problem: str) -> None:
+        """
+        A response or trailers that break RFC 9113 8.2-8.3 (checked here: flow.h2_config): a
+        stream error (8.1.1), never relayed; the client gets 502 or, mid-response, a reset.
+        """
+        metrics.UPSTREAM_BAD_RESPONSES.labels(reason="bad_head").inc()
+        self.log.warn("shard {address}:{port} sent a malformed h2 response: {problem}", address=self.address,
+                      port=self.port, problem=problem)
+        del self.listeners[stream_id]
+        pipe = self.pipes.get(stream_id)
+        if pipe is not None:
+            pipe.abandon()
+        try:
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        listener.failed(Failure(ShardError(f"malformed response from the shard ({problem})")))
 
     def _goaway(self, last_stream_id: int) -> None:
         """
