@@ -76,6 +76,9 @@ class H2FrontConnection(H2Peer):
         self.replay_held = 0
         """Bytes of request bodies kept for replay, over all streams (L{REPLAY_CONNECTION_LIMIT})."""
         self.closing = False
+        self._last_authority: bytes | None = None
+        self._peer_ip: str | None = None
+        self._last_host: bytes | None = None
         self._idle: IDelayedCall | None = None
         self._stall: IDelayedCall | None = None
         self.lost = False
@@ -344,7 +347,12 @@ class H2FrontConnection(H2Peer):
         else:
             exchange = h1_stream = H1StreamExchange(self, stream_id, request, self.pool)
         self.exchanges[stream_id] = exchange
-        host = authority_host(authority)
+        # A connection's requests name one authority, nearly always: its host is worked out once.
+        if authority == self._last_authority:
+            host = self._last_host
+        else:
+            host = authority_host(authority)
+            self._last_authority, self._last_host = authority, host
         if host is None or (self.server_name and host != self.server_name):
             metrics.HTTP_REJECTED.labels(reason="misdirected" if host else "bad_request").inc()
             self.answer(exchange, Answer(421 if host else 400, (), (
@@ -377,8 +385,13 @@ class H2FrontConnection(H2Peer):
         self.to_open.append((exchange, open_on_shard))
 
     def _client_ip(self) -> str:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        return str(getattr(peer, "host", "?"))
+        # The peer of a connection does not change (with the PROXY protocol, the transport gives
+        # the address its header named from the start): looked up once.
+        if self._peer_ip is None:
+            if self.transport is None:
+                return "?"
+            self._peer_ip = str(getattr(self.transport.getPeer(), "host", "?"))
+        return self._peer_ip
 
     def shard_connection(self) -> ShardConnection:
         """The connection new streams go to (a new one once the last is going away)."""
