@@ -112,7 +112,9 @@ class ResponseRelay(Protocol):
         if self.done:
             return
         self.done = True
-        self.body_ended(reason is None or bool(reason.check(ResponseDone)))
+        # isinstance, not Failure.check: check() computes the qualified name of every class it
+        # is given (reflect.qual), once per response here.
+        self.body_ended(reason is None or isinstance(reason.value, ResponseDone))
 
     def stop(self) -> None:
         if not self.done:

@@ -481,7 +481,12 @@ class H1ProxyConnection(Protocol):
         self._start_rate_check()
 
     def _access_log(self, exchange: H1Exchange, outcome: str) -> None:
-        access_log(self.log, self.ctx, self.route, exchange.request, outcome, exchange.received)
+        access_log(_ACCESS_LOG, self.ctx, self.route, exchange.request, outcome, exchange.received)
+
+
+# The access line's logger: the namespace of H1ProxyConnection.log, without the new Logger that
+# reading self.log makes (Logger is a descriptor) once per request.
+_ACCESS_LOG = Logger(namespace=f"{H1ProxyConnection.__module__}.{H1ProxyConnection.__qualname__}")
 
 
 __all__ = ["H1ProxyConnection"]

@@ -270,11 +270,15 @@ class RequestReader:
                 if allowance <= 0:
                     self._reject(_bad(431, "header_too_large", "the request head is too large"))
                     break
-                part, data = data[:allowance], data[allowance:]
+                if len(data) <= allowance:
+                    part, data = data, b""  # the usual case: no copies
+                else:
+                    part, data = data[:allowance], data[allowance:]
                 leftover = self._feed(part)
                 if self._in_head:
                     self._head_bytes += len(part)
-                data = leftover + data
+                if leftover:
+                    data = leftover + data
             else:
                 data = self._feed(data)
         return events
