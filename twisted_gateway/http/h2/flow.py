@@ -90,7 +90,12 @@ class H2Peer(Protocol):
                 pipe.pump()
         if self._flush_due:
             self._flush_due = False
-            self.flush()
+            self.flush_later()
+
+    def flush_later(self) -> None:
+        """Write what h2 has prepared, or have it written with whatever else this pass of the
+        reactor prepares for this connection (L{H2FrontConnection.flush_later})."""
+        self.flush()
 
     def flush_both(self) -> None:
         self.flush()

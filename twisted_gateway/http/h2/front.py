@@ -78,6 +78,7 @@ class H2FrontConnection(H2Peer):
         self.closing = False
         self._last_authority: bytes | None = None
         self._peer_ip: str | None = None
+        self._flush_call: IDelayedCall | None = None
         self._last_host: bytes | None = None
         self._idle: IDelayedCall | None = None
         self._stall: IDelayedCall | None = None
@@ -150,6 +151,7 @@ class H2FrontConnection(H2Peer):
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.closing = True
                 if not self.exchanges:
+                    self.flush()
                     self.transport.loseConnection()
         # Streams are opened towards the shard only after the whole read was handled, so a
         # stream the client reset in the same read never reaches the shard (CVE-2023-44487).
@@ -158,6 +160,24 @@ class H2FrontConnection(H2Peer):
             if not exchange.finished:
                 open_()
         self.flush_both()
+
+    def flush_later(self) -> None:
+        """
+        What a shard's answer prepared for this client goes out once the reactor has handled
+        every socket of its current pass (C{callLater(0)} runs right after), so the answers
+        that several shard connections of one client bring in one pass share one TLS record
+        and one send.  A reactor that is not running (a test's clock) gets the write at once.
+        """
+        if self._flush_call is not None or self.transport is None:
+            return
+        if not getattr(self.reactor, "running", False):
+            self.flush()
+            return
+        self._flush_call = self.reactor.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_call = None
+        self.flush()
 
     def _take_reset(self) -> bool:
         """Spend one reset of the client's budget; False when none is left."""
@@ -213,6 +233,10 @@ class H2FrontConnection(H2Peer):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
         self._cancel_idle()
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
         if self._stall is not None and self._stall.active():
             self._stall.cancel()
         for exchange in list(self.exchanges.values()):
