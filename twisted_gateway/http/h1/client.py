@@ -139,6 +139,9 @@ class UpstreamConnection(Protocol):
         return self._state == "idle" and self._keep_alive and not self.busy
 
     def connectionMade(self) -> None:
+        # A head and the body after it are separate writes: not held back for an ACK (Nagle).
+        if self.transport is not None and hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         callback, self._on_connected = self._on_connected, None
         if callback is not None:
             callback(self)
