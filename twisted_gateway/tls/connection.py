@@ -36,6 +36,9 @@ _RECV_SIZE = 64 * 1024
 # read raises (which costs about 3 µs, several times per relayed chunk).  pyOpenSSL does not
 # expose this publicly (see _compat); without it the engine reads until WantReadError.
 
+# The most plaintext handed to the protocol in one call (several records).
+_DELIVER_SIZE = 256 * 1024
+
 # Ciphertext waiting in the outgoing BIO after a large write.
 _BIO_READ_SIZE = 256 * 1024
 
@@ -146,24 +149,46 @@ class TLSServerConnection:
         while not self._paused and not self._read_closed and not self._lost:
             if sized and not _mem_data(self._in_bio, _POINTER) and not conn.pending():
                 break  # nothing buffered: skip the failing read
-            try:
-                data = recv(_RECV_SIZE)
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:
+            # Every record already buffered is handed over in one call (up to _DELIVER_SIZE):
+            # one socket read of a bulk upload holds some sixteen, and each call costs the
+            # protocol a write (a system call, for a splice) of its own.
+            chunks: list[bytes] = []
+            size = 0
+            ending: str | None = None
+            while size < _DELIVER_SIZE:
+                try:
+                    data = recv(_RECV_SIZE)
+                except SSL.WantReadError:
+                    break
+                except SSL.ZeroReturnError:
+                    ending = "close_notify"
+                    break
+                except SSL.Error:
+                    ending = "error"
+                    break
+                chunks.append(data)
+                size += len(data)
+                if sized and not _mem_data(self._in_bio, _POINTER) and not conn.pending():
+                    break
+            if chunks:
+                # Looked up per call: a protocol may hand the connection over (a websocket
+                # upgrade switches from the HTTP channel to a splice).
+                self.protocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if ending == "close_notify":
                 # close_notify: the peer will send nothing more; it may still read.
+                if self._lost or self._read_closed:
+                    return
                 self._read_closed = True
                 self._flush()
                 self._deliver_read_closed()
                 return
-            except SSL.Error:
+            if ending == "error":
                 self._flush()
                 self._lost = True
                 self.transport.abortConnection()
                 return
-            # Looked up per record: a protocol may hand the connection over (a websocket
-            # upgrade switches from the HTTP channel to a splice).
-            self.protocol.dataReceived(data)
+            if not chunks or size < _DELIVER_SIZE:
+                break
         self._flush()
         if self._eof_pending and not self._paused and not self._read_closed and not self._lost:
             self._read_closed = True
