@@ -15,7 +15,7 @@ are the client's next bytes, whatever they are).
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import attrs
 import httptools
@@ -34,8 +34,13 @@ _HOST, _LENGTH, _CODING, _CONNECTION, _UPGRADE, _EXPECT, _ACCEPT, _AUTHORIZATION
     range(len(_READ_FIELDS))
 
 
-@attrs.frozen
-class RequestHead:
+class RequestHead(NamedTuple):
+    """
+    One request's head as the gateway acts on it.  A named tuple rather than a frozen attrs
+    class: it is made once per request, and a frozen attrs class sets each of its sixteen
+    fields through C{object.__setattr__} (measured: 1.5 % of the gateway's samples on W1).
+    """
+
     method: bytes
     target: bytes
     """The request target in origin-form (absolute-form naming us is converted), or C{*}."""
