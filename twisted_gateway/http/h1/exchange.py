@@ -201,7 +201,7 @@ class H1Exchange:
             self._tunnel(response)
             return
         client_11 = self.head.version == "1.1"
-        lines = [b"HTTP/1.1 %d %s" % (code, safe_phrase(response.phrase, REASONS.get(code, b"")))]
+        lines = [_status_line(code, response.phrase)]
         fields = response_fields_for_client(response.headers.pairs)
         bodyless = self.head.method == b"HEAD" or code in (204, 304)
         chunked = False
@@ -287,6 +287,24 @@ class H1Exchange:
         if self.body is not None and not self.request_done:
             self.body.discard()
         self.conn.exchange_done(self, outcome, self.keep_alive and keep_alive, abort)
+
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def _status_line(code: int, phrase: bytes) -> bytes:
+    """The status line for a shard's status and reason phrase (a safe one: L{safe_phrase}),
+    remembered for the few pairs shards send (bounded: phrases up to 64 bytes, and the table
+    starts over at 256)."""
+    key = (code, phrase)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s" % (code, safe_phrase(phrase, REASONS.get(code, b"")))
+        if len(phrase) <= 64:  # a shard's long phrases are not kept
+            if len(_STATUS_LINES) >= 256:
+                _STATUS_LINES.clear()
+            _STATUS_LINES[key] = line
+    return line
 
 
 _REQUEST_COUNTERS: dict[tuple[int, bytes], Any] = {}

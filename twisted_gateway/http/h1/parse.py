@@ -107,6 +107,24 @@ def _tokens(values: list[bytes]) -> list[bytes]:
     return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
 
 
+_HOSTS: dict[bytes, bytes | None] = {}
+
+
+def _host_of(authority: bytes) -> bytes | None:
+    """L{authority_host}, remembered for the few Host values a gateway sees again and again
+    (bounded: values up to 260 bytes, and the table starts over once it holds 1024)."""
+    try:
+        return _HOSTS[authority]
+    except KeyError:
+        pass
+    host = authority_host(authority)
+    if len(authority) <= 260:  # a name of 253 bytes and a port: nothing longer is kept
+        if len(_HOSTS) >= 1024:
+            _HOSTS.clear()
+        _HOSTS[authority] = host
+    return host
+
+
 def our_name(server_name: str) -> bytes:
     """The TLS name as L{check_head} compares hosts with it."""
     return server_name.lower().rstrip(".").encode()
@@ -170,7 +188,7 @@ def check_head(method: bytes, target: bytes, version: str, fields: list[tuple[by
         return _bad(400, "bad_request", "a request carries one Host field")
     if hosts:
         host_value = hosts[0].strip()
-        name_ = authority_host(host_value)
+        name_ = _host_of(host_value)
         if name_ is None:
             return _bad(400, "bad_request", "the Host field is not an authority")
         if name_ != ours:
