@@ -425,11 +425,12 @@ def gate(ctx: HTTPRouteContext, route: Route, request: RequestState) -> Answer |
     if limit and request.declared_length is not None and request.declared_length > limit:
         return body_too_large(limit)
     trusted = ctx.trusted(request.client_ip)
-    if not trusted or not (request.forwarded_for or request.forwarded):
-        # The gateway's own hop only: the same fields for every request of this client and host.
+    if not (trusted and (request.forwarded_for or request.forwarded)) and len(request.authority) <= 260:
+        # The gateway's own hop only: the same fields for every request of this client and host
+        # (remembered for hosts of a usual length only, so the table stays small).
         return _own_hop(request.client_ip, request.authority)
     forwarding = forwarding_headers(list(request.forwarded_for), list(request.forwarded), request.client_ip,
-                                    request.authority, trusted=True)
+                                    request.authority, trusted=trusted)
     return Admitted(tuple(forwarding))
 
 
