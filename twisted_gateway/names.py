@@ -15,6 +15,8 @@ specific first, and the directory decides which one exists.
 
 from __future__ import annotations
 
+import functools
+
 import re
 
 import attrs
@@ -60,9 +62,12 @@ def normalize_hostname(hostname: str) -> str:
     return hostname.strip().lower().rstrip(".")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_name(server_name: str, hostname: str) -> GatewayHost | ShardName | Foreign:
     """
     Classify C{server_name} (already lower-case, no trailing dot) relative to C{hostname}.
+    Pure, and its answers are frozen: the names clients use again are classified once (a
+    bounded cache, so names made up to fill it only cost their own parse).
     """
     if server_name == hostname:
         return GATEWAY_HOST
