@@ -172,6 +172,8 @@ class H1StreamExchange(ClientStream):
             self.front.flush()
 
     def _request_end(self) -> None:
+        if self.finished:
+            return
         if self.deferred is None:
             self._send(None)
         elif self.body is not None:
@@ -281,6 +283,13 @@ class H1StreamExchange(ClientStream):
         early, self.early = self.early, []
         for _, flow_length in early:
             self.front.ack(self.client_id, flow_length)
+        # Nothing more is asked of a finished exchange: drop what refers back to it (the relay,
+        # its pipe, the body and the Deferred), so that reference counting frees it at once
+        # instead of the cyclic collector later, which was a tenth of the CPU of a request.
+        self.relay = None
+        self.response_pipe = None
+        self.body = None
+        self.deferred = None
 
 
 __all__ = ["H1StreamExchange"]
