@@ -286,6 +286,11 @@ class H1Exchange:
         self._cancel_timer()
         if self.body is not None and not self.request_done:
             self.body.discard()
+        # The relay refers back to this exchange: without it, an exchange and everything it
+        # holds (head, state, Deferred, relay) would wait for the cyclic collector instead of
+        # being freed by reference counting when its connection lets go of it.
+        self.relay = None
+        self.deferred = None
         self.conn.exchange_done(self, outcome, self.keep_alive and keep_alive, abort)
 
 
