@@ -370,7 +370,8 @@ class H1ProxyConnection(Protocol):
             if self.reader.in_head and self._head_timer is None:
                 self._head_timer = self.reactor.callLater(self.ctx.limits.request_head_timeout,
                                                           self._head_timeout)
-            self._arm_idle()
+            if not self._idle.armed:  # _process has armed it just now, unless a head has begun
+                self._arm_idle()
 
     def become_tunnel(self, exchange: H1Exchange, response: Any) -> None:
         """After a 101: the client's connection and the shard's become one splice."""
