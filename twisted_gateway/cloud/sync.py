@@ -52,9 +52,9 @@ from twisted_gateway.cloud.token import CloudIdentity
 from twisted_gateway.config import AuthConfig, CloudConfig, ConfigError, GatewayConfig, LimitsConfig
 from twisted_gateway.directory.interfaces import IProviderStatus, ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
-from twisted_gateway.directory.redis import document_from_entries, entry_json, read_cache
+from twisted_gateway.directory.redis import document_from_entries, entry_json, read_cache, write_cache
 from twisted_gateway.http.auth import JWKSKeys, TokenVerifier
-from twisted_gateway.tls.files import atomic_write, ensure_private_dir
+from twisted_gateway.tls.files import ensure_private_dir
 
 CACHE = os.path.join("cloud", "sync-cache.json")
 SOURCE = "control plane /sync"
@@ -204,9 +204,8 @@ def write_sync_cache(path: str, version: SyncVersion) -> None:
     """The Redis provider's cache layout (read back with its L{read_cache}) plus the ETag and
     the settings, written atomically."""
     entries = {s["id"]: entry_json(s) for s in version.directory.get("shards") or []}
-    doc = {"version": version.version, "updated": version.published_at, "etag": version.etag,
-           "directory": document_from_entries(entries), "settings": version.settings}
-    atomic_write(path, json.dumps(doc, sort_keys=True).encode())
+    write_cache(path, version.version, version.published_at, entries,
+                extra={"etag": version.etag, "settings": version.settings})
 
 
 def read_sync_cache(path: str, leeway: float = 30.0) -> SyncVersion:

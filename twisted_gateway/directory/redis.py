@@ -267,9 +267,12 @@ def entry_json(entry: Mapping[str, Any]) -> str:
 
 # -- the cache -----------------------------------------------------------------------------------
 
-def write_cache(path: str, version: int, updated: float | None, entries: Mapping[str, str]) -> None:
-    """Write the directory in force atomically: a reader sees the old file or the new one."""
-    doc = {"version": version, "updated": updated, "directory": document_from_entries(entries)}
+def write_cache(path: str, version: int, updated: float | None, entries: Mapping[str, str],
+                extra: Mapping[str, Any] | None = None) -> None:
+    """Write the directory in force atomically: a reader sees the old file or the new one.
+    C{extra} keys (another provider's: the /sync ETag and settings) are kept beside it."""
+    doc = {**(extra or {}), "version": version, "updated": updated,
+           "directory": document_from_entries(entries)}
     # A temporary file of its own for each writer (several worker processes share the state
     # directory), fsynced, then renamed over the cache.
     atomic_write(path, json.dumps(doc, sort_keys=True).encode())
