@@ -345,6 +345,12 @@ backend web
                 continue
             notes = []
             for who, r in (("gateway", g), ("HAProxy", h)):
+                # A proxy that did not use its whole core was held back by something else
+                # (other processes on the machine, the load generator): its ratio says less
+                # than its CPU per operation then.
+                busy = r["proxy_cpu"] / max(r.get("wall", 1), 1e-9)
+                if busy < 0.85 and r.get("unit") == "req/s":
+                    notes.append(f"{who} used {busy:.0%} of its core")
                 if r["loadgen_busy"] > 0.9:
                     notes.append(f"load generator saturated during {who} run ({r['loadgen_busy']:.0%} of CPU 1)")
                 if r.get("p99_ms") is not None:
