@@ -1,10 +1,13 @@
 """
 A file poller on Twisted's TimerService whose interval can change while it runs (a reload's
 new ``directory.poll_interval`` or ``tls.reload_interval``), and whose rounds never stop the
-timer: a round that raises is logged and the next one comes as usual.
+timer: a round that raises is logged and the next one comes as usual; and L{file_stamp}, what
+the pollers compare to see that a file changed.
 """
 
 from __future__ import annotations
+
+import os
 
 from typing import Callable
 
@@ -50,3 +53,18 @@ class PollingService(TimerService):
 
 
 __all__ = ["PollingService"]
+
+
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: str | None) -> FileStamp | None:
+    """What changes when a file is written or replaced (mtime, size, inode; a rename over it
+    changes the inode even within one mtime tick), or None when it cannot be read."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from twisted_gateway.polling import PollingService
+from twisted_gateway.polling import PollingService, file_stamp
 from twisted_gateway.tls.files import atomic_write, ensure_private_dir
 
 MAX_BATCH_BYTES = 64 * 1024 * 1024
@@ -187,14 +187,7 @@ class Published:
         return f'"{self.version}"'
 
     def _stat(self) -> tuple[Any, ...]:
-        out = []
-        for path in (self.directory_path, self.settings_path):
-            try:
-                st = os.stat(path) if path else None
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino) if st else None)
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        return (file_stamp(self.directory_path), file_stamp(self.settings_path))
 
     def check(self) -> None:
         stamps = self._stat()

@@ -8,7 +8,6 @@ with editors and config-management tools that replace the file by renaming.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_gateway.polling import PollingService
+from twisted_gateway.polling import FileStamp, PollingService, file_stamp
 from twisted_gateway.directory.interfaces import IProviderStatus, ShardDirectory
 from twisted_gateway.directory.model import DirectoryError, DirectorySnapshot, parse_directory
 
@@ -60,12 +59,8 @@ class FileDirectoryProvider(PollingService):
         self.last_change: float | None = None
         self.last_error: str | None = None
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _stat(self) -> FileStamp | None:
+        return file_stamp(self.path)
 
     def check(self, force: bool = False) -> None:
         """Read the file if it changed (or if C{force}) and publish it, or refuse it."""

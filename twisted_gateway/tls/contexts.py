@@ -8,7 +8,6 @@ right ALPN protocols; nothing is decided inside OpenSSL's callbacks except the A
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Any, Iterable, cast
 
@@ -19,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from twisted_gateway.polling import PollingService
+from twisted_gateway.polling import FileStamp, PollingService, file_stamp
 from twisted_gateway import metrics
 from twisted_gateway.tls.localca import KeyPair, LocalCA
 
@@ -123,15 +122,8 @@ class StaticFileSource(PollingService):
         _record_expiry(self.pair)
         self._stamp = self._stat()
 
-    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
-        out: list[tuple[int, int, int] | None] = []
-        for p in (self.cert_path, self.key_path):
-            try:
-                st = os.stat(p)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+    def _stat(self) -> tuple[FileStamp | None, ...]:
+        return (file_stamp(self.cert_path), file_stamp(self.key_path))
 
     def check(self) -> bool:
         """Reload if the files changed; return whether a new pair is in force."""
