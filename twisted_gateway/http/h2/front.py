@@ -20,6 +20,7 @@ from typing import Any, Callable
 import h2.errors
 import h2.events
 import h2.exceptions
+from hpack.struct import NeverIndexedHeaderTuple
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -281,7 +282,8 @@ class H2FrontConnection(H2Peer):
         forwarded: list[bytes] = []
         problem: str | None = None
         regular_seen = False
-        for name, value in headers:
+        for field in headers:
+            name, value = field[0], field[1]
             if name[:1] == b":":
                 # RFC 9113 8.3: the request pseudo-fields, each once, before every other field.
                 if regular_seen or name not in REQUEST_PSEUDO or name in pseudo:
@@ -326,7 +328,14 @@ class H2FrontConnection(H2Peer):
                     continue  # the HTTP/1.1 upstream writes its own framing
             elif name in (b"te", b"trailer") and self.pool is not None:
                 continue  # hop-by-hop on an HTTP/1.1 hop ("te: trailers" means nothing there)
-            regular.append((name, value))
+            # The field itself goes on: one the client sent never-indexed stays so (RFC 7541
+            # 7.1.3; hpack_out keeps the representation), a stripped cookie included.
+            if value is field[1]:
+                regular.append(field)
+            elif isinstance(field, NeverIndexedHeaderTuple):
+                regular.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                regular.append((name, value))
         method = pseudo.get(b":method")
         path = pseudo.get(b":path")
         authority = pseudo.get(b":authority", b"")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from hpack.struct import NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 
 _STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
@@ -28,7 +29,9 @@ for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
     _STATIC_NAMES.setdefault(_name, _index)
 
 _NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
-"""Credentials go out as never-indexed literals (6.2.3), so no later hop indexes them either."""
+"""Credentials go out as never-indexed literals (6.2.3), so no later hop indexes them either;
+so does every field that arrived never-indexed (hpack's NeverIndexedHeaderTuple), which an
+intermediary must pass on in that representation (7.1.3)."""
 
 _CACHE_LIMIT = 4096
 """Encoded fields kept (a shard's repeated fields); the cache starts again when full."""
@@ -54,12 +57,14 @@ def _string(data: bytes) -> bytes:
     return _integer(len(data), 7, 0) + data
 
 
-def encode_field(name: bytes, value: bytes) -> bytes:
-    """One field's representation: a static index, or a literal that is never indexed."""
-    index = _STATIC_FIELDS.get((name, value))
+def encode_field(name: bytes, value: bytes, never_indexed: bool = False) -> bytes:
+    """One field's representation: a static index, or a literal without indexing (or, for
+    credentials and C{never_indexed} fields, a never-indexed literal)."""
+    never_indexed = never_indexed or name in _NEVER_INDEXED
+    index = None if never_indexed else _STATIC_FIELDS.get((name, value))
     if index is not None:
         return bytes((0x80 | index,))  # 6.1 (every static index is below 127)
-    first = 0x10 if name in _NEVER_INDEXED else 0x00  # 6.2.3 / 6.2.2
+    first = 0x10 if never_indexed else 0x00  # 6.2.3 / 6.2.2
     name_index = _STATIC_NAMES.get(name)
     if name_index is not None:
         return _integer(name_index, 4, first) + _string(value)
@@ -92,6 +97,9 @@ class LiteralEncoder:
             parts.append(b"\x20")  # dynamic table size update to 0 (6.3)
         for field in headers:
             name, value = field[0], field[1]
+            if type(field) is NeverIndexedHeaderTuple:
+                parts.append(encode_field(name, value, never_indexed=True))
+                continue
             encoded = cache.get((name, value))
             if encoded is None:
                 encoded = encode_field(name, value)
