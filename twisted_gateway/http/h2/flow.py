@@ -27,11 +27,8 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from twisted_gateway.fastwrite import write_now
-from twisted_gateway.http.h2 import hpack_in
 from twisted_gateway.http.h2.hpack_out import LiteralEncoder
 from twisted_gateway.interfaces import IStreamTransport
-
-hpack_in.install()  # Huffman-coded strings decoded once each (hpack_in)
 
 STREAM_WINDOW = 256 * 1024
 """The flow-control window the gateway gives each stream, on both sides."""

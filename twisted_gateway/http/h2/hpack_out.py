@@ -8,8 +8,8 @@ never used.
 Why: the library's encoder searched its dynamic table linearly for each field, added every new
 value (a shard's ``date``, ``etag``, ``last-modified``), Huffman-coded it byte by byte in Python,
 and was about a tenth of the CPU of a proxied request.  This encoder is a dictionary lookup per
-field, cached per field.  What it costs is bytes: ~100 more per response on the wire, inside one
-TLS record that goes out anyway.  Since nothing is ever indexed, no value (a token, a cookie)
+field (a small cache per connection; credentials and cookies are never kept in it).  What it costs is bytes: ~100 more per response on the wire, inside one TLS record that
+goes out anyway.  Since nothing is ever indexed, no value (a token, a cookie)
 enters a compression context (the attacks of RFC 7541 7.1 have nothing to probe), and the peer's
 dynamic table is cleared and kept at size 0 by a size update (6.3) at the start of the first
 block and after each change of the peer's SETTINGS_HEADER_TABLE_SIZE (4.2).
@@ -33,9 +33,15 @@ _NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 so does every field that arrived never-indexed (hpack's NeverIndexedHeaderTuple), which an
 intermediary must pass on in that representation (7.1.3)."""
 
-_CACHE_LIMIT = 4096
-"""Encoded fields kept (a shard's repeated fields); the cache starts again when full."""
-_CACHE_VALUE_LIMIT = 256
+_CACHE_LIMIT = 128
+"""Encoded fields kept per connection (the fields its requests or responses repeat); the cache
+starts again when full.  Per connection, and small: no peer can learn from timing whether
+another connection sent a value, and a peer that sends only new values costs a miss each and
+at most ~40 KiB (the dynamic table of hpack's encoder, which this replaces, is 4 KiB)."""
+_CACHE_FIELD_LIMIT = 128
+"""Longer fields (name and value) are encoded each time."""
+_UNCACHED = _NEVER_INDEXED | {b"cookie", b"set-cookie"}
+"""Fields whose values are secrets: encoded each time, never kept."""
 
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -103,7 +109,7 @@ class LiteralEncoder:
             encoded = cache.get((name, value))
             if encoded is None:
                 encoded = encode_field(name, value)
-                if len(value) <= _CACHE_VALUE_LIMIT:
+                if len(name) + len(value) <= _CACHE_FIELD_LIMIT and name not in _UNCACHED:
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()
                     cache[(name, value)] = encoded
