@@ -27,8 +27,11 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from twisted_gateway.fastwrite import write_now
+from twisted_gateway.http.h2 import hpack_in
 from twisted_gateway.http.h2.hpack_out import LiteralEncoder
 from twisted_gateway.interfaces import IStreamTransport
+
+_HUFFMAN_CACHED = hpack_in.install()
 
 STREAM_WINDOW = 256 * 1024
 """The flow-control window the gateway gives each stream, on both sides."""
@@ -250,8 +253,21 @@ class GatewayH2Connection(h2.connection.H2Connection):
     """
     h2's connection without the trace line of every received frame: h2 formats each frame with
     C{repr} for its (no-op by default) trace logger before the call, a few per cent of the CPU
-    of a proxied request.  The rest is h2's own C{_receive_frame} (h2 4.x).
+    of a proxied request (the rest is h2's own C{_receive_frame}, h2 4.x); and with its own
+    cache of Huffman-decoded strings, current while it decodes (L{hpack_in}).
     """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self._huffman = hpack_in.HuffmanCache()
+
+    def receive_data(self, data: Any) -> list[Any]:
+        # This connection's Huffman cache serves the blocks of this read only (hpack_in).
+        hpack_in.current = self._huffman if _HUFFMAN_CACHED else None
+        try:
+            return super().receive_data(data)
+        finally:
+            hpack_in.current = None
 
     def _receive_frame(self, frame: Any) -> list[Any]:
         try:
