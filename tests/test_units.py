@@ -551,3 +551,21 @@ def test_h2_replay_copies_are_bounded_per_stream_and_connection():
     exchanges[1]._drop_replay()
     exchanges[1]._drop_replay()  # twice is harmless
     assert front.replay_held == 128 * 1024
+
+
+def test_count_request_binds_each_child_once_and_folds_unknown_methods():
+    from twisted_gateway import metrics
+
+    def value(route, code_class, method):
+        return metrics.REGISTRY.get_sample_value(
+            "gateway_http_requests_total", {"route": route, "code_class": code_class, "method": method}) or 0.0
+    before = (value("proxy", "2xx", "GET"), value("api", "4xx", "other"), value("proxy", "5xx", "DELETE"))
+    for method in (b"GET", "GET"):
+        metrics.count_request("proxy", 200, method)
+    for method in (b"BREW", "PROPFIND", b"\xff"):
+        metrics.count_request("api", 404, method)
+    metrics.count_request("proxy", 503, b"DELETE")
+    after = (value("proxy", "2xx", "GET"), value("api", "4xx", "other"), value("proxy", "5xx", "DELETE"))
+    assert [a - b for a, b in zip(after, before)] == [2, 3, 1]
+    # Bounded: unknown methods share one child per route and class.
+    assert sum(1 for key in metrics._REQUEST_CHILDREN if key[:2] == ("api", 4)) <= 2

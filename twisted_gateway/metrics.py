@@ -129,12 +129,23 @@ AUTH_DECISIONS = Counter(
     ["outcome"], registry=REGISTRY)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_METHOD_KEYS = _METHODS | frozenset(m.encode() for m in _METHODS)
+
+
+_REQUEST_CHILDREN: dict[tuple[str, int, bytes | str], Counter] = {}
 
 
 def count_request(route: str, code: int, method: bytes | str) -> None:
-    m = method.decode("ascii", "replace") if isinstance(method, bytes) else method
-    HTTP_REQUESTS.labels(route=route, code_class=f"{code // 100}xx",
-                         method=m if m in _METHODS else "other").inc()
+    """One answered request.  The series' child is bound once per route, status class and
+    method as given (a label lookup costs more than the increment); the keys are bounded: two
+    routes, ten classes, and methods outside the counted seven are keyed as other."""
+    key = (route, code // 100, method if method in _METHOD_KEYS else "other")
+    child = _REQUEST_CHILDREN.get(key)
+    if child is None:
+        m = method.decode("ascii", "replace") if isinstance(method, bytes) else method
+        child = _REQUEST_CHILDREN[key] = HTTP_REQUESTS.labels(
+            route=route, code_class=f"{key[1]}xx", method=m if m in _METHODS else "other")
+    child.inc()
 
 UPSTREAM_REPLAYS = Counter(
     "gateway_upstream_replays_total",

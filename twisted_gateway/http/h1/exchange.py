@@ -196,7 +196,7 @@ class H1Exchange:
         code = response.code
         self.request.status = code
         self.response_started = True
-        _count_request(code, self.head.method)
+        metrics.count_request("proxy", code, self.head.method)
         if code == 101:
             self._tunnel(response)
             return
@@ -310,21 +310,6 @@ def _status_line(code: int, phrase: bytes) -> bytes:
                 _STATUS_LINES.clear()
             _STATUS_LINES[key] = line
     return line
-
-
-_REQUEST_COUNTERS: dict[tuple[int, bytes], Any] = {}
-_COUNTED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
-
-
-def _count_request(code: int, method: bytes) -> None:
-    """L{metrics.count_request} for a proxied response, with the series' child bound once per
-    status class and method (a label lookup per request costs more than the increment)."""
-    key = (code // 100, method if method in _COUNTED_METHODS else b"other")
-    child = _REQUEST_COUNTERS.get(key)
-    if child is None:
-        child = _REQUEST_COUNTERS[key] = metrics.HTTP_REQUESTS.labels(
-            route="proxy", code_class=f"{key[0]}xx", method=key[1].decode("ascii"))
-    child.inc()
 
 
 def _request_state(head: RequestHead, client_ip: str, private: bool, cookie_name: bytes) -> RequestState:
