@@ -44,6 +44,7 @@ gateway starting while Redis is away routes with it, and Redis, once reached, re
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -118,6 +119,9 @@ return version
 # Above this many ids a notice is followed by a full read: Lua's unpack() takes at most a few
 # thousand arguments, and one HGETALL is then about as cheap.
 MAX_DELTA = 1000
+
+# Notices waiting for the one being handled; beyond, they are dropped for one full read.
+MAX_QUEUED_NOTICES = 1000
 
 
 @attrs.frozen
@@ -322,6 +326,10 @@ class RedisDirectoryProvider(Service):
         self._lock = DeferredLock()
         self._full_read_queued = False
         self._notices_pending = 0  # notices received and not handled yet
+        self._notices: collections.deque[tuple[int, Notice]] = collections.deque()
+        self._draining = False
+        self._notice_seq = 0  # notices received so far
+        self._covered_seq = 0  # notices received before the last full read started
         self._checking = False
         self.last_change: float | None = None
         self.last_lag: float | None = None
@@ -391,15 +399,42 @@ class RedisDirectoryProvider(Service):
             self.log.warn("Redis directory: ignoring a malformed change notice ({problem}): {text}",
                           problem=str(e), text=text[:200])
             return
+        if self._full_read_queued:
+            # A full read is waiting to start: it reads everything this notice announced (a
+            # flood of notices then costs one read, not one each).
+            return
+        if len(self._notices) >= MAX_QUEUED_NOTICES:
+            # A flood while Redis is slow: one full read covers every notice dropped.
+            self._notices.clear()
+            self.resync("version_gap")
+            return
+        self._notice_seq += 1
+        self._notices.append((self._notice_seq, notice))
         self._notices_pending += 1
-        d = self._lock.run(self._handle_notice, notice)
-        d.addErrback(self._failed, "applying a change notice")
-        d.addBoth(self._notice_done)
+        if not self._draining:
+            self._drain()
 
-    def _notice_done(self, _: object) -> None:
-        self._notices_pending -= 1
+    @inlineCallbacks
+    def _drain(self) -> Any:
+        """Handle the queued notices one after the other.  A loop, not one lock waiter each:
+        notices handled at once (already read) would otherwise release the lock into the next
+        waiter recursively, and a few hundred queued behind a slow read overflow the stack and
+        leave the lock held for good."""
+        self._draining = True
+        try:
+            while self._notices:
+                seq, notice = self._notices.popleft()
+                try:
+                    if seq > self._covered_seq:  # else a full read started after it came
+                        yield self._lock.run(self._handle_notice, seq, notice)
+                except Exception:  # noqa: BLE001 - logged and counted by _failed
+                    self._failed(Failure(), "applying a change notice")
+                finally:
+                    self._notices_pending -= 1
+        finally:
+            self._draining = False
 
-    def resync(self, reason: str) -> None:
+    def resync(self, reason: str | None) -> None:
         """Read the whole directory (once, however often asked before the read starts)."""
         if self._full_read_queued:
             return
@@ -450,6 +485,7 @@ class RedisDirectoryProvider(Service):
     @inlineCallbacks
     def _full_read(self, reason: str | None) -> Any:
         self._full_read_queued = False
+        self._covered_seq = self._notice_seq  # what they announced, this read sees
         reply = yield self.link.eval(READ_ALL, [self.keys.shards, self.keys.version, self.keys.updated], [])
         version = parse_version(reply[0])
         updated = parse_time(reply[1])
@@ -471,25 +507,36 @@ class RedisDirectoryProvider(Service):
         self._apply(version, updated if reason != "start" else None)
 
     @inlineCallbacks
-    def _handle_notice(self, notice: Notice) -> Any:
+    def _handle_notice(self, seq: int, notice: Notice) -> Any:
+        if seq <= self._covered_seq:
+            return  # a full read started after this notice came
         if self.version is None or notice.version <= self.version:
             return  # before the first read (which will include it), or already read
         if notice.version > self.version + 1:
-            yield self._full_read("version_gap")
+            # Queued, not read here: the notices queued behind this one then cost nothing more
+            # (a flood of notices ahead of Redis, forged or not, is one read at a time).
+            self.resync("version_gap")
             return
         if notice.ids is None or len(notice.ids) > MAX_DELTA:
             # An import (every entry changed), or more ids than one script call takes.
-            yield self._full_read(None)
+            self.resync(None)
             return
-        ids = list(notice.ids)
+        ids = list(dict.fromkeys(notice.ids))
         if not ids:
+            # Nothing to fetch, but the version is taken from Redis, not from the notice: a
+            # notice naming a version Redis does not hold would make the real write of that
+            # version look already read (and the version check agree with it).
+            fetched = parse_version((yield self.link.execute("GET", self.keys.version)))
+            if fetched != notice.version:
+                self.resync("version_gap")
+                return
             self.version = notice.version
             return
         reply = yield self.link.eval(READ_SOME, [self.keys.shards, self.keys.version], ids)
         fetched = parse_version(reply[0])
         if fetched != notice.version:
             # Written again since the notice: these entries are of another version.
-            yield self._full_read("version_gap")
+            self.resync("version_gap")
             return
         values = reply[1] or []
         changes = {i: (str(v) if v not in (None, False) else None) for i, v in zip(ids, values)}
