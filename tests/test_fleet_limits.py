@@ -234,7 +234,7 @@ def test_local_buckets_are_bounded():
     assert len(shared._dirty) == 10 and fallbacks("request_ip") == before + 10
     # Long keys (token subjects) become digests in Redis.
     limiter.take("s" * 500)
-    assert len(limiter._buckets["s" * 500].redis_key) == len("gateway:limit:request_ip:") + 64
+    assert len(limiter._buckets["s" * 500].redis_key) == len("gateway:limit:request_ip:#") + 64
 
 
 def test_admission_and_runtime_use_and_carry_the_shared_limits(tmp_path):

@@ -41,12 +41,14 @@ gateway.
 
 Key layout: ``<prefix>limit:<limit>:<key>``, a hash ``{tokens, ts}`` (``ts`` in milliseconds of
 the Redis server's clock), with ``<limit>`` one of ``connection_ip``, ``request_ip``,
-``request_token``; keys longer than 128 characters are replaced by their SHA-256.
+``request_token``; keys longer than 128 characters, or not printable ASCII, are replaced by
+``#`` and their SHA-256 (L{bucket_part}).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -74,7 +76,10 @@ for i, key in ipairs(KEYS) do
   local state = redis.call('HMGET', key, 'tokens', 'ts')
   local tokens = tonumber(state[1])
   local ts = tonumber(state[2])
-  if tokens == nil or ts == nil then
+  -- A state not written by this script (by hand, or corrupted): a non-number, NaN or an
+  -- infinity would fail PEXPIRE (and with it every key of the call) or stick forever.
+  if tokens == nil or ts == nil or tokens ~= tokens or ts ~= ts
+     or tokens == math.huge or tokens == -math.huge or ts == math.huge or ts == -math.huge then
     tokens = burst
   else
     tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
@@ -88,6 +93,20 @@ return out
 """
 
 LIMIT_NAMES = ("connection_ip", "request_ip", "request_token")
+
+_PLAIN_KEY = re.compile(r"[!-~]{1,128}")
+
+
+def bucket_part(key: str) -> str:
+    """
+    The C{<key>} of a bucket's Redis key: the client IP or token subject itself when it is 1 to
+    128 printable ASCII characters (no space, no control character) not starting with ``#``;
+    otherwise ``#`` and the SHA-256 of its UTF-8 bytes (a lone surrogate replaced), so that no
+    key a client chooses names another client's bucket, and every key can be sent to Redis.
+    """
+    if _PLAIN_KEY.fullmatch(key) and not key.startswith("#"):
+        return key
+    return "#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class _Bucket:
@@ -166,8 +185,7 @@ class SharedRateLimiter:
                 del self._buckets[k]
             if len(self._buckets) >= self.max_keys:
                 self._buckets.clear()
-        part = key if len(key) <= 128 else hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
-        bucket = self._buckets[key] = _Bucket(self, self.shared.link.key("limit", self.name, part), now)
+        bucket = self._buckets[key] = _Bucket(self, self.shared.link.key("limit", self.name, bucket_part(key)), now)
         return bucket
 
     def __len__(self) -> int:
@@ -287,4 +305,4 @@ class SharedLimits:
         self._dirty = []
 
 
-__all__ = ["BUCKET_SCRIPT", "LIMIT_NAMES", "SharedLimits", "SharedRateLimiter"]
+__all__ = ["BUCKET_SCRIPT", "LIMIT_NAMES", "bucket_part", "SharedLimits", "SharedRateLimiter"]

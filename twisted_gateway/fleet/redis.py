@@ -661,7 +661,14 @@ class RedisLink(Service):
         if not self.up or conn is None or not conn.connected:
             metrics.REDIS_COMMAND_ERRORS.labels(kind="unavailable").inc()
             return fail(RedisUnavailable(f"no connection to Redis ({self.target.description})"))
-        d: Deferred[Any] = conn.execute_command(*args)
+        try:
+            d: Deferred[Any] = conn.execute_command(*args)
+        except (UnicodeError, TypeError, ValueError, txredisapi.InvalidData, txredisapi.ConnectionError) as e:
+            # txredisapi encodes the command before it returns a Deferred: a value that is not
+            # UTF-8 (a lone surrogate from a client's token, say) raises here.  A caller's
+            # errback must see it (a raise would skip the bookkeeping after the call).
+            metrics.REDIS_COMMAND_ERRORS.labels(kind="error").inc()
+            return fail(RedisCommandError(f"command not sent: {type(e).__name__}: {e}"))
         return d.addCallbacks(self._check_reply, self._count_failure, errbackArgs=(conn,))
 
     def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
