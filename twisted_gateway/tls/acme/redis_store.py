@@ -528,6 +528,10 @@ class RedisCertificateStore:
             except ValueError as e:
                 self.log.error("certificate {name} in Redis does not load: {error}", name=name, error=str(e))
                 return None
+            if not _key_matches(chain[0], key):
+                self.log.error("certificate {name} in Redis: its private key is not the key of its "
+                               "certificate; not used", name=name)
+                return None
             stored = StoredCertificate(names, KeyPair(chain, key))
             if self._local_chain(name) != chain_pem:
                 self.local.save(names, chain_pem, key_pem)
@@ -564,6 +568,15 @@ class RedisCertificateStore:
         return names[0] in self._undecryptable
 
 
+def _key_matches(certificate: x509.Certificate, key: Any) -> bool:
+    """Whether C{key} is the private key of C{certificate}'s public key."""
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        return bool(key.public_key().public_bytes(*spki) == certificate.public_key().public_bytes(*spki))
+    except (AttributeError, ValueError, TypeError):
+        return False
+
+
 def _pairs(reply: Any) -> dict[str, str]:
     """An HGETALL reply (a flat list, or a dict from some txredisapi versions) as a dict."""
     if isinstance(reply, dict):
@@ -577,6 +590,15 @@ def _text(value: Any) -> str:
 
 
 # -- the challenge board ------------------------------------------------------------------------
+
+
+CHALLENGE_KINDS = ("http-01", "tls-alpn-01")
+# A key authorization is a token, a dot and a 43-character thumbprint; a token or a name is
+# at most a few hundred characters.  Notices beyond these bounds are not answers.
+MAX_CHALLENGE_KEY = 512
+MAX_CHALLENGE_VALUE = 1024
+# Pending answers pushed by peers held at once (each is also a file in the state directory).
+MAX_PENDING_CHALLENGES = 10000
 
 
 class RedisChallengeBoard:
@@ -694,17 +716,38 @@ class RedisChallengeBoard:
     def _notice(self, message: str) -> None:
         try:
             notice = json.loads(message)
-            op, kind, key = notice["op"], str(notice["kind"]), str(notice["key"])
+            op, kind, key = notice["op"], notice["kind"], notice["key"]
         except (ValueError, KeyError, TypeError):
             return
+        if kind not in CHALLENGE_KINDS or not isinstance(key, str) or not 0 < len(key) <= MAX_CHALLENGE_KEY:
+            self.log.warn("ignoring a challenge notice for {kind!r} {key!r}", kind=str(kind)[:40],
+                          key=str(key)[:80])
+            return
         if op == "put":
-            value = str(notice.get("value", ""))
+            value = notice.get("value")
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_CHALLENGE_VALUE:
+                self.log.warn("ignoring a challenge notice for {kind} {key}: not a key authorization",
+                              kind=kind, key=key[:80])
+                return
             if self._memory.get((kind, key), ("",))[0] != value:
+                if not self._room():
+                    self.log.warn("ignoring a challenge notice for {kind} {key}: {n} answers pending",
+                                  kind=kind, key=key[:80], n=len(self._memory))
+                    return
                 self._memory[(kind, key)] = (value, time.time() + self.ttl)
                 self.local.publish(kind, key, value)  # this machine's other processes
         elif op == "del":
             if self._memory.pop((kind, key), None) is not None:
                 self.local.withdraw(kind, key)
+
+    def _room(self) -> bool:
+        """Whether another pushed answer may be held (expired ones are forgotten first)."""
+        if len(self._memory) < MAX_PENDING_CHALLENGES:
+            return True
+        now = time.time()
+        for k in [k for k, (_, until) in self._memory.items() if until <= now]:
+            del self._memory[k]
+        return len(self._memory) < MAX_PENDING_CHALLENGES
 
     # -- on-demand requests between local processes: unchanged -------------------------------------
 

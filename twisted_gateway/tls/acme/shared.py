@@ -29,10 +29,17 @@ except ImportError:  # Windows: one process only (workers: 1), so the lock is al
 _SAFE = re.compile(r"^[A-Za-z0-9_.*-]{1,253}$")
 
 
+_KIND = re.compile(r"^[a-z0-9-]{1,32}$")
+
+
 def _file_name(kind: str, key: str) -> str:
+    """A file name inside the board's directory whatever C{kind} and C{key} hold (they may come
+    from a peer's notice): never a separator, never ``..``, never absolute."""
+    if not _KIND.match(kind):
+        kind = "x" + hashlib.sha256(kind.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     if _SAFE.match(key) and not key.startswith("."):
         return f"{kind}-{key.replace('*', '_wildcard')}"
-    return f"{kind}-{hashlib.sha256(key.encode()).hexdigest()}"
+    return f"{kind}-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 class IssuerLock:
