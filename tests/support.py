@@ -167,6 +167,15 @@ class Gateway:
         before an observable effect (a metric, an exit) may not have been read yet."""
         wait_for(lambda: self.logged(text), timeout, what=f"log line {text!r}\n" + self.output())
 
+    def udp_port(self, listener: str) -> int:
+        """The port a UDP listener (a udp route's target, or quic) was bound to, once logged."""
+        def found():
+            for e in list(self.events):
+                if e.get("event_kind") == "listening_udp" and e.get("listener") == listener:
+                    return e["port"]
+            return None
+        return wait_for(found, 10, what=f"udp listener {listener}")
+
     def write_directory(self, shards: list[dict]) -> None:
         write_atomically(self.directory_path, yaml.safe_dump({"shards": shards}))
 

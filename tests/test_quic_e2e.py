@@ -23,13 +23,7 @@ from quic_env import H3Server, big_body, h3_get, make_certificates  # noqa: E402
 
 
 def udp_port(gw, listener: str = "quic") -> int:
-    """The UDP port the gateway's C{listener} bound (from its listening_udp log line)."""
-    def found():
-        for e in gw.events:
-            if e.get("event_kind") == "listening_udp" and e.get("listener") == listener:
-                return e["port"]
-        return None
-    return wait_for(found, 10, what=f"udp listener {listener}")
+    return gw.udp_port(listener)
 
 
 def quic_shard(id: str, label: str, server: H3Server, **port: object) -> dict:

@@ -26,12 +26,7 @@ ZONE = "udp.test"
 
 
 def udp_port(gw, listener: str) -> int:
-    def found():
-        for e in gw.events:
-            if e.get("event_kind") == "listening_udp" and e.get("listener") == listener:
-                return e["port"]
-        return None
-    return wait_for(found, 10, what=f"udp listener {listener}")
+    return gw.udp_port(listener)
 
 
 def udp_shard(id: str, label: str, port: int, upstream_port: int, **extra: object) -> dict:

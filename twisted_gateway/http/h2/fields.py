@@ -27,30 +27,29 @@ CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection", b"keep-alive"
 """Fields an h2 message must not carry (RFC 9113 8.2.2); C{te} only as C{trailers}, in a request."""
 
 
-def trailers_problem(trailers: list[tuple[bytes, bytes]]) -> str | None:
-    """Why a trailer section is malformed (RFC 9113 8.1, 8.2), or None."""
-    for name, value in trailers:
+def _regular_fields_problem(fields: list[tuple[bytes, bytes]], pseudo: str) -> str | None:
+    """Why fields that must all be regular ones (no pseudo-field: C{pseudo} says why one is
+    wrong here) are malformed, or None."""
+    for name, value in fields:
         if name[:1] == b":":
-            return "a pseudo-field in trailers"
+            return pseudo
         if field_name_ok(name) is None or field_value_ok(value) is None:
             return "a field name or value h2 forbids"
         if name in CONNECTION_FIELDS or name == b"te":
             return "a connection-specific field"
     return None
+
+
+def trailers_problem(trailers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a trailer section is malformed (RFC 9113 8.1, 8.2), or None."""
+    return _regular_fields_problem(trailers, "a pseudo-field in trailers")
 
 
 def response_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
     """Why a response's header section is malformed (RFC 9113 8.2, 8.3.2), or None."""
     if not headers or headers[0][0] != b":status" or _status_ok(headers[0][1]) is None:
         return "no :status first, or one that is not three digits"
-    for name, value in headers[1:]:
-        if name[:1] == b":":
-            return "a repeated or unknown pseudo-field"
-        if field_name_ok(name) is None or field_value_ok(value) is None:
-            return "a field name or value h2 forbids"
-        if name in CONNECTION_FIELDS or name == b"te":
-            return "a connection-specific field"
-    return None
+    return _regular_fields_problem(headers[1:], "a repeated or unknown pseudo-field")
 
 
 __all__ = ["COMMON_METHODS", "CONNECTION_FIELDS", "REQUEST_PSEUDO", "field_name_ok", "field_value_ok",
