@@ -102,6 +102,129 @@ def test_memory_bio_sizes() -> None:
            "the outgoing BIO's size does not match what bio_read returns")
 
 
+def _tls_pair() -> tuple[Any, Any]:
+    """A server and a client pyOpenSSL connection on memory BIOs, handshaken."""
+    from OpenSSL import SSL
+
+    from twisted_gateway.tls.localca import LocalCA
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="compat-tls-")
+    ca = LocalCA(os.path.join(folder, "ca"))
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    ca.write_leaf(("compat.test",), cert, key)
+    server_ctx = SSL.Context(SSL.TLS_METHOD)
+    server_ctx.use_certificate_file(cert)
+    server_ctx.use_privatekey_file(key)
+    server = SSL.Connection(server_ctx, None)
+    client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    server.set_accept_state()
+    client.set_connect_state()
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        _move(client, server)
+        _move(server, client)
+    return server, client
+
+
+def _move(source: Any, sink: Any) -> None:
+    from OpenSSL import SSL
+    while True:
+        try:
+            data = source.bio_read(1 << 20)
+        except SSL.WantReadError:
+            return
+        sink.bio_write(data)
+
+
+def test_record_calls_read_and_write_records_as_pyopenssl_does() -> None:
+    from OpenSSL import SSL
+    name = "OpenSSL._util.lib.SSL_write/SSL_read/SSL_pending/BIO_read/BIO_write"
+    _require(name)
+    _require("OpenSSL.SSL.Connection._ssl")
+    server, client = _tls_pair()
+    calls = _compat.record_calls(server)
+    _check(calls is not None, "OpenSSL.SSL.Connection._ssl", "record_calls found no OpenSSL object")
+    assert calls is not None
+    _check(calls.read(100) is None, name, "a read with nothing buffered did not return None")
+    with pytest.raises(SSL.WantReadError):
+        server.recv(100)  # and pyOpenSSL, asked after it, says why as it always did
+    client.send(b"hello" * 10)
+    record = client.bio_read(1 << 20)
+    _check(calls.bio_write(record) == len(record), name, "BIO_write did not take the whole record")
+    _check(calls.read(7) == b"hellohe" and calls.pending() == 43, name,
+           "SSL_read/SSL_pending do not read a record's plaintext piece by piece")
+    _check(calls.read(1000) == b"llo" + b"hello" * 8, name, "the rest of the record was not read")
+    big = os.urandom(300 * 1024)  # more than RECORD_BUFFER: the outgoing BIO is taken whole
+    _check(calls.write(big) == len(big), name, "SSL_write did not take a whole large write")
+    size = _compat.BIO_MEM_DATA(calls.out, _compat.BIO_POINTER)
+    ciphertext = calls.bio_take(size)
+    _check(len(ciphertext) == size > len(big), name, "bio_take did not empty the outgoing BIO")
+    client.bio_write(ciphertext)
+    got = b""
+    while len(got) < len(big):
+        got += client.recv(1 << 20)
+    _check(got == big, name, "what the direct calls wrote did not decrypt to what was written")
+    client.shutdown()
+    calls.bio_write(client.bio_read(1 << 20))
+    _check(calls.read(100) is None, name, "a close_notify did not end the direct read")
+    with pytest.raises(SSL.ZeroReturnError):
+        server.recv(100)  # pyOpenSSL, asked after it, reports the close_notify
+
+
+def test_lean_dispatch_delivers_events_and_logs_what_escapes() -> None:
+    from twisted.internet.abstract import FileDescriptor
+    from twisted.python import log
+    name = "twisted.internet.epollreactor.EPollReactor._doReadOrWrite"
+    _require(name)
+    from twisted.internet.epollreactor import EPollReactor
+    reactor = EPollReactor()  # a reactor of its own: never installed, never run
+    a, b = socket.socketpair()
+    seen: list[bytes] = []
+    logged: list[dict[str, Any]] = []
+
+    class Reader(FileDescriptor):
+        def fileno(self) -> int:
+            return a.fileno()
+
+        def doRead(self) -> None:
+            data = a.recv(100)
+            seen.append(data)
+            if data == b"boom":
+                raise RuntimeError("from doRead")
+
+        def connectionLost(self, reason: Any) -> None:
+            raise ValueError("from connectionLost")  # escapes _doReadOrWrite
+
+        def logPrefix(self) -> str:
+            return "TestReader"
+    try:
+        _check(_compat.lean_dispatch(reactor), name, "the epoll reactor was not taken")
+        reader = Reader(reactor)
+        reactor.addReader(reader)
+        b.send(b"ping")
+        reactor.doIteration(1)
+        _check(seen == [b"ping"], name, "an event did not reach its selectable's doRead")
+        log.addObserver(logged.append)
+        try:
+            b.send(b"boom")
+            reactor.doIteration(1)
+        finally:
+            log.removeObserver(logged.append)
+        errors = [e for e in logged if e.get("isError")]
+        _check(bool(errors) and errors[-1].get("system") == "TestReader", name,
+               "an exception that escaped the dispatch was not logged with the selectable's prefix")
+        from twisted.internet.testing import MemoryReactor
+        assert not _compat.lean_dispatch(MemoryReactor())  # only the epoll reactor is changed
+    finally:
+        reactor._poller.close()
+        a.close()
+        b.close()
+
+
 def _http_channel(clock: Clock) -> tuple[Any, StringTransport]:
     from twisted.web.pages import notFound
     from twisted.web.server import Site

@@ -214,6 +214,191 @@ def memory_bios(connection: Any) -> tuple[Any, Any] | None:
     return into, out
 
 
+# -- pyOpenSSL's record calls without its wrappers (tls/connection.py) ------------------------------
+
+_WITHOUT_RECORD_CALLS = ("the TLS engine calls pyOpenSSL's send, recv, bio_read and bio_write, each of "
+                         "which wraps the OpenSSL call in buffer handling and an error check (about 1 µs "
+                         "more per record each way)")
+
+
+def _bind_record_calls() -> bool:
+    global _SSL_WRITE, _SSL_READ, _SSL_PENDING, _BIO_READ, _BIO_WRITE, _FFI_BUFFER, _READ_BUFFER, _ALLOCATE, \
+        _FROM_BUFFER
+    from OpenSSL._util import ffi, lib
+    _SSL_WRITE, _SSL_READ, _SSL_PENDING = lib.SSL_write, lib.SSL_read, lib.SSL_pending
+    _BIO_READ, _BIO_WRITE = lib.BIO_read, lib.BIO_write
+    _FFI_BUFFER = ffi.buffer
+    _FROM_BUFFER = ffi.from_buffer
+    _ALLOCATE = ffi.new_allocator(should_clear_after_alloc=False)
+    _READ_BUFFER = _ALLOCATE("char[]", RECORD_BUFFER)
+    return True
+
+
+RECORD_BUFFER = 256 * 1024
+"""The buffer the direct calls read into (the reactor thread's only: the bytes are copied out
+before the next call), large enough for what the engine asks for at once."""
+
+_SSL_WRITE: Any = None
+_SSL_READ: Any = None
+_SSL_PENDING: Any = None
+_BIO_READ: Any = None
+_BIO_WRITE: Any = None
+_FFI_BUFFER: Any = None
+_FROM_BUFFER: Any = None
+_ALLOCATE: Any = None
+_READ_BUFFER: Any = None
+
+RECORD_CALLS = MEMORY_BIO_SIZES and all([
+    _probe("OpenSSL._util.lib.SSL_write/SSL_read/SSL_pending/BIO_read/BIO_write", ("pyOpenSSL", "cryptography"),
+           "reading and writing TLS records and memory BIOs without pyOpenSSL's per-call wrappers",
+           _WITHOUT_RECORD_CALLS, _bind_record_calls),
+    _probe("OpenSSL.SSL.Connection._ssl", ("pyOpenSSL",),
+           "the OpenSSL object of a TLS connection, for the direct record calls", _WITHOUT_RECORD_CALLS,
+           lambda: _mentions(_connection_init(), "_ssl")),
+])
+"""Whether L{record_calls} can give the TLS engine the direct calls."""
+
+
+def _ssl_read(ssl: Any, size: int) -> bytes | None:
+    """Up to C{size} (at most L{RECORD_BUFFER}) bytes of plaintext, or None when OpenSSL has
+    none to give: the caller then asks pyOpenSSL's C{recv}, which says why (want-read,
+    close_notify, an error) by raising as it always does."""
+    n = _SSL_READ(ssl, _READ_BUFFER, size)
+    if n <= 0:
+        return None
+    data: bytes = _FFI_BUFFER(_READ_BUFFER, n)[:]
+    return data
+
+
+def _bio_take(bio: Any, size: int) -> bytes:
+    """C{size} bytes (what the BIO holds, from C{BIO_MEM_DATA}) out of a memory BIO."""
+    buffer = _READ_BUFFER if size <= RECORD_BUFFER else _ALLOCATE("char[]", size)
+    n = _BIO_READ(bio, buffer, size)
+    return _FFI_BUFFER(buffer, n)[:] if n > 0 else b""
+
+
+class RecordCalls:
+    """
+    The OpenSSL calls of one connection's records, without pyOpenSSL's wrappers.  Each returns
+    what OpenSSL did; anything but plain success (a write that took less than all, a read with
+    nothing to give) is for the caller to redo through the pyOpenSSL C{Connection}, which then
+    raises its usual exception: a failed OpenSSL call left the connection as it was (a write is
+    retried with the same buffer, as OpenSSL requires), so nothing is lost or doubled.
+    """
+
+    __slots__ = ("ssl", "into", "out")
+
+    def __init__(self, ssl: Any, into: Any, out: Any) -> None:
+        self.ssl, self.into, self.out = ssl, into, out
+
+    def write(self, data: bytes) -> int:
+        """Write C{data} as records; how many bytes OpenSSL took (all, unless it failed: pyOpenSSL
+        turns on partial writes, so a write of more than a record is taken a record at a time)."""
+        ssl, size = self.ssl, len(data)
+        done = _SSL_WRITE(ssl, data, size)
+        if done == size or done <= 0:
+            return int(done)
+        with _FROM_BUFFER(data) as pointer:
+            while done < size:
+                n = _SSL_WRITE(ssl, pointer + done, size - done)
+                if n <= 0:
+                    break
+                done += n
+        return int(done)
+
+    def read(self, size: int) -> bytes | None:
+        return _ssl_read(self.ssl, size)
+
+    def pending(self) -> int:
+        return int(_SSL_PENDING(self.ssl))
+
+    def bio_write(self, data: bytes) -> int:
+        return int(_BIO_WRITE(self.into, data, len(data)))
+
+    def bio_take(self, size: int) -> bytes:
+        return _bio_take(self.out, size)
+
+
+def record_calls(connection: Any) -> RecordCalls | None:
+    """The direct record calls for a pyOpenSSL C{Connection} made with no socket; None when
+    they cannot be reached (the engine then uses pyOpenSSL's methods)."""
+    if not RECORD_CALLS:
+        return None
+    bios = memory_bios(connection)
+    ssl = getattr(connection, "_ssl", None)
+    if bios is None or ssl is None:
+        return None
+    return RecordCalls(ssl, bios[0], bios[1])
+
+
+# -- the epoll reactor's dispatch (gateway.py) ----------------------------------------------------
+
+_WITHOUT_LEAN_DISPATCH = ("each I/O event is dispatched through twisted.python.log's context "
+                          "(callWithLogger), about 1-2 µs more per event")
+
+
+def _epoll_reactor() -> Any:
+    from twisted.internet.epollreactor import EPollReactor
+    return EPollReactor
+
+
+LEAN_DISPATCH = all([
+    _probe(f"twisted.internet.epollreactor.EPollReactor.{attr}", ("Twisted",),
+           "dispatching I/O events without twisted.python.log's per-event context (lean_dispatch)",
+           _WITHOUT_LEAN_DISPATCH,
+           functools.partial(lambda a: _mentions(_epoll_reactor().doPoll, a), attr))
+    for attr in ("_poller", "_selectables", "_doReadOrWrite")
+])
+"""Whether L{lean_dispatch} can replace the epoll reactor's C{doPoll}."""
+
+
+def lean_dispatch(reactor: Any) -> bool:
+    """
+    Make C{reactor} (Twisted's epoll reactor; any other is left alone) dispatch each I/O event
+    straight to its C{_doReadOrWrite}, as its own C{doPoll} does, without wrapping every event
+    in C{log.callWithLogger}: that pushes a logging context (the legacy C{system} key) around
+    each event, which costs 1-2 µs per event and matters only to messages logged through
+    C{twisted.python.log} (the gateway logs through C{twisted.logger}).  An exception that
+    escapes the dispatch is logged as C{callWithLogger} logs it, with the selectable's prefix.
+    Returns whether it did.
+    """
+    if not LEAN_DISPATCH or type(reactor) is not _epoll_reactor():
+        return False
+    import errno as _errno
+
+    from twisted.python import log as _log
+
+    def doPoll(timeout: float | None) -> None:
+        if timeout is None:
+            timeout = -1
+        selectables = reactor._selectables
+        try:
+            events = reactor._poller.poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == _errno.EINTR:
+                return
+            raise
+        dispatch = reactor._doReadOrWrite
+        get = selectables.get
+        for fd, event in events:
+            selectable = get(fd)
+            if selectable is None:
+                continue
+            try:
+                dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                try:
+                    prefix = selectable.logPrefix()
+                except BaseException:  # noqa: BLE001 - as callWithLogger: a buggy logPrefix
+                    prefix = "(buggy logPrefix method)"
+                _log.err(system=prefix)  # type: ignore[no-untyped-call]  # twisted.python.log is untyped
+
+    reactor.doPoll = reactor.doIteration = doPoll
+    return True
+
+
 # -- twisted.web HTTP/1.1 channel (http/api.py, frontdoor.py) --------------------------------------
 
 HTTP11_REQUEST_LINE = all([
@@ -441,6 +626,7 @@ __all__ = [
     "NAMES", "PrivateName", "missing", "library_version",
     "TCP_WRITE_QUEUE", "write_now",
     "MEMORY_BIO_SIZES", "BIO_MEM_DATA", "BIO_POINTER", "memory_bios",
+    "RECORD_CALLS", "RecordCalls", "record_calls", "LEAN_DISPATCH", "lean_dispatch",
     "HTTP11_REQUEST_LINE", "http11_request_line", "HTTP_CHANNEL", "http_channel",
     "H2_STREAM_CLEANUP", "h2_stream_forgotten", "H2_CONTROL_WRITER", "h2_send_control",
     "SHARED_LISTENER_CLOSE", "close_shared_listener",
