@@ -58,31 +58,44 @@ class BadResponse(Exception):
 
 
 class RawHeaders:
-    """Response header fields as the shard sent them, by lowercase name, in order."""
+    """
+    Response header fields as the shard sent them, in order (C{pairs}), and by lower-case
+    name when first asked for one: a response's fields are appended to C{pairs} as they are
+    parsed, and most are only passed on, so the index is built once, after the last.
+    """
 
-    __slots__ = ("_fields", "pairs")
+    __slots__ = ("_fields", "_indexed", "pairs")
 
     def __init__(self) -> None:
         self._fields: dict[bytes, list[bytes]] = {}
+        self._indexed = 0
         self.pairs: list[tuple[bytes, bytes]] = []
+        """The fields in order; appending to it is adding a field."""
 
     def addRawHeader(self, name: bytes, value: bytes) -> None:
         self.pairs.append((name, value))
-        name = name.lower()
-        values = self._fields.get(name)
-        if values is None:
-            self._fields[name] = [value]
-        else:
-            values.append(value)
+
+    def _index(self) -> dict[bytes, list[bytes]]:
+        pairs, fields = self.pairs, self._fields
+        if self._indexed != len(pairs):
+            for name, value in pairs[self._indexed:]:
+                name = name.lower()
+                values = fields.get(name)
+                if values is None:
+                    fields[name] = [value]
+                else:
+                    values.append(value)
+            self._indexed = len(pairs)
+        return fields
 
     def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
-        return self._fields.get(name.lower(), default)
+        return self._index().get(name.lower(), default)
 
     def hasHeader(self, name: bytes) -> bool:
-        return name.lower() in self._fields
+        return name.lower() in self._index()
 
     def getAllRawHeaders(self) -> Any:
-        return self._fields.items()
+        return self._index().items()
 
 
 __all__ = ["BadResponse", "IUpstream", "IUpstreamResponse", "RawHeaders"]

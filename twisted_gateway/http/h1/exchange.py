@@ -135,13 +135,20 @@ class H1Exchange:
         d = conn.upstream.request(shard.address, port.target_port, head.method, head.target, fields,
                                   self.body, upgrade=self.upgrade)
         self.deferred = d
-        d.addCallbacks(self._got_response, self._upstream_failed)
-        d.addErrback(self._unexpected)
+        d.addBoth(self._settled)
         if self.body is None:
             self.request_ended()
 
-    def _unexpected(self, failure: Failure) -> None:
-        self.conn.log.failure("proxying failed", failure)
+    def _settled(self, outcome: Any) -> None:
+        """The upstream's answer: a response, or a Failure.  One callback, not a callback, an
+        errback and a logging errback after them (each costs a turn of the Deferred's loop)."""
+        try:
+            if isinstance(outcome, Failure):
+                self._upstream_failed(outcome)
+            else:
+                self._got_response(outcome)
+        except Exception:
+            self.conn.log.failure("proxying failed")
 
     # -- the request body ----------------------------------------------------------------------
 
