@@ -74,6 +74,113 @@ def test_write_now_sends_at_once_only_into_an_empty_tcp_queue() -> None:
         b.close()
 
 
+def test_write_now_sends_nothing_on_an_aborted_connection() -> None:
+    # Twisted drops what is written after abortConnection (its doWrite is gone); a direct send
+    # must not slip it out either.
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    name = "twisted.internet.tcp.Connection._aborting"
+    _require(name)
+    a, b = socket.socketpair()
+    try:
+        transport = tcp.Server(a, Protocol(), ("127.0.0.1", 1), None, 0, MemoryReactorClock())
+        transport.abortConnection()
+        _compat.write_now(transport, b"after the abort")
+        _compat.close_now(transport)
+        b.settimeout(0.05)
+        with pytest.raises(socket.timeout):
+            b.recv(100)
+    finally:
+        a.close()
+        b.close()
+
+
+class _Ends(object):
+    """A protocol that records how its TCP connection ended."""
+
+    def __init__(self) -> None:
+        self.lost: list[Any] = []
+        self.write_lost = 0
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason)
+
+    def writeConnectionLost(self) -> None:
+        self.write_lost += 1
+
+    def readConnectionLost(self) -> None:
+        pass
+
+
+def _tcp_pair() -> tuple[Any, Any, socket.socket, Any]:
+    from twisted.internet import tcp
+    from zope.interface import directlyProvides
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    a, b = socket.socketpair()
+    reactor = MemoryReactorClock()
+    ends = _Ends()
+    directlyProvides(ends, IHalfCloseableProtocol)
+    transport = tcp.Server(a, ends, ("127.0.0.1", 1), None, 0, reactor)  # type: ignore[arg-type]
+    ends.makeConnection(transport)
+    transport.startReading()
+    return transport, ends, b, reactor
+
+
+def test_close_now_closes_an_idle_tcp_connection_at_once_and_a_busy_one_after_its_queue() -> None:
+    name = "twisted.internet.abstract.FileDescriptor._postLoseConnection"
+    _require(name)
+    transport, ends, peer, reactor = _tcp_pair()
+    try:
+        _compat.close_now(transport)
+        _check(len(ends.lost) == 1 and not transport.connected, name,
+               "an idle connection was not closed at once")
+        _check(transport not in reactor.getReaders() and transport not in reactor.getWriters(), name,
+               "a closed connection is still registered with the reactor")
+        peer.settimeout(5)
+        _check(peer.recv(10) == b"", name, "the peer did not see the connection end")
+        _compat.close_now(transport)  # twice: nothing more happens
+        assert len(ends.lost) == 1
+    finally:
+        peer.close()
+    transport, ends, peer, reactor = _tcp_pair()
+    try:
+        transport.write(b"queued")  # waits for the reactor's next pass
+        _compat.close_now(transport)
+        _check(not ends.lost and transport.disconnecting, name,
+               "a connection with bytes queued was closed before writing them")
+        why = transport.doWrite()  # the reactor's pass: write, then say the connection is done
+        if why:
+            from twisted.python.failure import Failure
+            transport.connectionLost(Failure(why))  # as the reactor's _disconnectSelectable does
+        _check(len(ends.lost) == 1, name, "the queued connection did not close once written")
+        peer.settimeout(5)
+        _check(peer.recv(100) == b"queued", name, "the queued bytes were lost")
+    finally:
+        peer.close()
+
+
+def test_lose_write_now_half_closes_at_once() -> None:
+    name = "twisted.internet.abstract.FileDescriptor._closeWriteConnection"
+    _require(name)
+    transport, ends, peer, reactor = _tcp_pair()
+    try:
+        _compat.lose_write_now(transport)
+        _check(ends.write_lost == 1 and transport.connected and not ends.lost, name,
+               "the write side was not shut at once, or the connection was closed")
+        peer.settimeout(5)
+        _check(peer.recv(10) == b"", name, "the peer did not see the FIN")
+        peer.send(b"still read")
+        _check(transport not in reactor.getWriters(), name, "a half-close left the connection writing")
+        _compat.lose_write_now(transport)  # twice: nothing more happens
+        assert ends.write_lost == 1
+    finally:
+        peer.close()
+        transport.connectionLost(_compat._CONNECTION_DONE)
+
+
 def test_memory_bio_sizes() -> None:
     from OpenSSL import SSL
     name = "OpenSSL._util.lib.BIO_get_mem_data"

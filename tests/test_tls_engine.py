@@ -214,3 +214,15 @@ def test_a_corrupted_record_aborts_the_connection_and_delivers_nothing(server_co
     assert pair.wire.disconnecting  # abortConnection
     pair.engine.write(b"after the abort")  # written nowhere, raises nothing
     assert b"after the abort" not in pair.wire.value()
+
+
+@both
+def test_a_memoryview_of_wide_items_is_written_byte_for_byte(server_context: SSL.Context, direct: bool) -> None:
+    # A memoryview counts its length in items; what OpenSSL took is counted in bytes.
+    import array
+    if direct and not _compat.RECORD_CALLS:
+        pytest.skip("the direct record calls are not available here")
+    pair = Pair(server_context, direct)
+    wide = array.array("H", range(20000))
+    pair.engine.write(memoryview(wide))  # type: ignore[arg-type]  # any buffer, as transports take
+    assert pair.client_reads() == wide.tobytes()

@@ -153,8 +153,9 @@ def test_splice_buffers_until_upstream_then_relays_and_half_closes():
     sp, _ = _splice(reactor)
     client_t = HalfCloseTransport()
     sp.client.makeConnection(client_t)
-    assert client_t.paused, "the client is held until the shard answers"
+    assert not client_t.paused, "a client that has sent nothing yet is not paused (a pause is two epoll_ctl)"
     sp.client.dataReceived(b"early")
+    assert client_t.paused, "a client that sends before the shard answers is held: one read is buffered"
     upstream, up_t = _connect_upstream(reactor, sp)
     assert up_t.value() == b"early" and not client_t.paused
     assert client_t.producer is up_t and up_t.producer is client_t
@@ -168,7 +169,20 @@ def test_splice_buffers_until_upstream_then_relays_and_half_closes():
     upstream.readConnectionLost()
     assert client_t.write_closed
     assert client_t.disconnecting and up_t.disconnecting
+    assert client_t.producer is None and up_t.producer is None, "each side let go of the other before closing"
     assert (sp.bytes_up, sp.bytes_down) == (5, 15)
+
+
+def test_splice_holds_a_shard_that_speaks_before_the_client_is_ready():
+    reactor = MemoryReactorClock()
+    sp, _ = _splice(reactor)
+    upstream, up_t = _connect_upstream(reactor, sp)
+    assert not up_t.paused
+    upstream.dataReceived(b"preface")  # an h2 server's SETTINGS, before the client's handshake ends
+    assert up_t.paused, "the shard is held until the client is there: one read is buffered"
+    client_t = HalfCloseTransport()
+    sp.client.makeConnection(client_t)
+    assert client_t.value() == b"preface" and not up_t.paused
 
 
 def test_splice_upstream_refused_counts_and_reports():

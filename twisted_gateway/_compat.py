@@ -133,6 +133,10 @@ TCP_WRITE_QUEUE = all([
     _probe("twisted.internet.tcp.Connection.socket", ("Twisted",),
            "sending a relayed chunk directly on a TCP transport's socket (fastwrite.write_now)",
            _WITHOUT_FAST_WRITE, lambda: hasattr(_tcp_connection(), "socket")),
+    _probe("twisted.internet.tcp.Connection._aborting", ("Twisted",),
+           "never sending a chunk on a connection already aborted (Twisted drops such writes)",
+           _WITHOUT_FAST_WRITE,
+           lambda: _tcp_connection()._aborting is False and _mentions(tcp.Connection.abortConnection, "_aborting")),
 ])
 """Whether L{write_now} may look into tcp.Server/tcp.Client write queues."""
 
@@ -148,8 +152,8 @@ if TCP_WRITE_QUEUE:
         C{data} first; what the socket does not take is queued with C{transport.write}.
         """
         if (type(transport) in _TCP and transport.connected and not transport.disconnecting
-                and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
-                and not transport._writeDisconnected):
+                and not transport._aborting and not transport._tempDataLen
+                and transport.offset == len(transport.dataBuffer) and not transport._writeDisconnected):
             try:
                 sent = transport.socket.send(data)
             except BlockingIOError:
@@ -164,6 +168,73 @@ else:  # pragma: no cover - only with a Twisted that reorganised its write queue
     def write_now(transport: Any, data: bytes) -> None:
         """C{transport.write(data)}: this Twisted's write queue cannot be seen into."""
         transport.write(data)
+
+
+def _file_descriptor_do_write() -> Any:
+    from twisted.internet.abstract import FileDescriptor
+    return FileDescriptor.doWrite
+
+
+CLOSE_NOW = TCP_WRITE_QUEUE and all([
+    _probe(f"twisted.internet.abstract.FileDescriptor.{attr}", ("Twisted",),
+           "closing a TCP connection with nothing queued at once (close_now)",
+           "such a close waits for the reactor's next pass (loseConnection), as in plain "
+           "Twisted: two more epoll_ctl, a pass and a zero-byte send per close",
+           functools.partial(lambda a: _mentions(_file_descriptor_do_write(), a), attr))
+    for attr in ("producerPaused", "streamingProducer", "_postLoseConnection", "_writeDisconnecting",
+                 "_closeWriteConnection")
+])
+"""Whether L{close_now} and L{lose_write_now} may close a TCP transport on the spot."""
+
+
+def _nothing_waits(transport: Any) -> bool:
+    """A plain TCP connection, open, with nothing queued and no producer waiting to be resumed:
+    where Twisted's C{doWrite} would go straight on to a close it was asked for."""
+    return (CLOSE_NOW and type(transport) in _TCP and transport.connected and not transport.disconnecting
+            and not transport._aborting and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+            and (transport.producer is None
+                 or (transport.streamingProducer and not transport.producerPaused)))
+
+
+def lose_write_now(transport: Any) -> None:
+    """
+    C{transport.loseWriteConnection()}, done on the spot (TCP FIN sent, the protocol's
+    C{writeConnectionLost} called) when nothing is queued: what Twisted's C{doWrite} does on
+    the reactor's next pass, without registering for writing first (L{close_now}).
+    """
+    if _nothing_waits(transport) and not transport._writeDisconnected:
+        transport._writeDisconnecting = True
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return
+    transport.loseWriteConnection()
+
+
+def close_now(transport: Any) -> None:
+    """
+    C{transport.loseConnection()}, done on the spot when C{transport} is a plain TCP
+    connection with nothing queued and no producer waiting to be resumed: what Twisted's own
+    C{doWrite} would do on the reactor's next pass (find the queue empty and close), without
+    registering for writing, waiting a pass and sending zero bytes first.  The transport's
+    protocol gets C{connectionLost} before this returns, as Twisted's C{loseConnection} itself
+    does for a connection whose write side is already shut.  Anything else is left to
+    C{loseConnection}, which writes out what is queued before it closes.
+    """
+    if _nothing_waits(transport):
+        transport.disconnecting = True
+        transport.connectionLost(_CONNECTION_DONE)
+        return
+    transport.loseConnection()
+
+
+def _connection_done() -> Any:
+    from twisted.internet import main
+    from twisted.python.failure import Failure
+    return Failure(main.CONNECTION_DONE)  # type: ignore[no-untyped-call]  # Twisted stub
+
+
+_CONNECTION_DONE = _connection_done()
+"""The reason of every such close, made once (the reactor shares one the same way)."""
 
 
 # -- pyOpenSSL memory BIOs (tls/connection.py) ------------------------------------------------------
@@ -391,6 +462,8 @@ def lean_dispatch(reactor: Any) -> bool:
             except BaseException:
                 try:
                     prefix = selectable.logPrefix()
+                except KeyboardInterrupt:
+                    raise
                 except BaseException:  # noqa: BLE001 - as callWithLogger: a buggy logPrefix
                     prefix = "(buggy logPrefix method)"
                 _log.err(system=prefix)  # type: ignore[no-untyped-call]  # twisted.python.log is untyped
@@ -624,7 +697,7 @@ else:  # pragma: no cover - only with a Twisted that moved its haproxy parsers
 
 __all__ = [
     "NAMES", "PrivateName", "missing", "library_version",
-    "TCP_WRITE_QUEUE", "write_now",
+    "TCP_WRITE_QUEUE", "write_now", "CLOSE_NOW", "close_now", "lose_write_now",
     "MEMORY_BIO_SIZES", "BIO_MEM_DATA", "BIO_POINTER", "memory_bios",
     "RECORD_CALLS", "RecordCalls", "record_calls", "LEAN_DISPATCH", "lean_dispatch",
     "HTTP11_REQUEST_LINE", "http11_request_line", "HTTP_CHANNEL", "http_channel",

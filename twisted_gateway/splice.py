@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from twisted_gateway import metrics
 from twisted_gateway.directory.model import Route
+from twisted_gateway._compat import close_now, lose_write_now
 from twisted_gateway.fastwrite import write_now
 from twisted_gateway.interfaces import IStreamTransport
 
@@ -172,11 +173,10 @@ class Splice:
         if self._done:
             transport.loseConnection()
             return
-        if self.upstream_transport is None:
-            # Hold the client until the shard answers; at most one read is buffered.
-            transport.pauseProducing()
-        else:
+        if self.upstream_transport is not None:
             self._wire()
+        # Otherwise the client is held once it sends before the shard has answered
+        # (from_client): at most one read is buffered, and a client that waits costs no pause.
 
     def upstream_connected(self, transport: IStreamTransport) -> None:
         metrics.UPSTREAM_CONNECT_SECONDS.observe(self.reactor.seconds() - self._started)
@@ -189,10 +189,8 @@ class Splice:
             return
         if self.client_transport is not None:
             self._wire()
-        else:
-            # Hold the shard (which may speak first, e.g. an h2 server preface) until the
-            # client's handshake is done; at most one read is buffered.
-            transport.pauseProducing()
+        # Otherwise a shard that speaks first (an h2 server preface) is held once it does
+        # (from_upstream) until the client's handshake is done; at most one read is buffered.
 
     def _wire(self) -> None:
         client, upstream = self.client_transport, self.upstream_transport
@@ -225,6 +223,8 @@ class Splice:
         self.bytes_up += len(data)
         if self.upstream_transport is None:
             self._pending.append(data)
+            if self.client_transport is not None:
+                self.client_transport.pauseProducing()  # until _wire
         else:
             write_now(self.upstream_transport, data)
 
@@ -232,6 +232,8 @@ class Splice:
         self.bytes_down += len(data)
         if self.client_transport is None:
             self._pending_down.append(data)
+            if self.upstream_transport is not None:
+                self.upstream_transport.pauseProducing()  # until _wire
         else:
             write_now(self.client_transport, data)
 
@@ -240,7 +242,7 @@ class Splice:
     def client_eof(self) -> None:
         self._client_eof = True
         if self.upstream_transport is not None:
-            self.upstream_transport.loseWriteConnection()
+            lose_write_now(self.upstream_transport)
         self._maybe_finish()
 
     def upstream_eof(self) -> None:
@@ -289,10 +291,23 @@ class Splice:
             _ACTIVE.discard(self)
             if self.on_done is not None:
                 self.on_done(self)
-        # loseConnection writes out what is buffered before closing.
-        for t in (self.client_transport, self.upstream_transport):
-            if t is not None:
-                t.loseConnection()
+        # A side with nothing buffered is closed on the spot (its connectionLost comes back
+        # here, which finds the splice done); one with bytes buffered is closed once they are
+        # written (loseConnection).
+        client, upstream = self.client_transport, self.upstream_transport
+        if client is not None and upstream is not None:
+            # Each side is the other's producer; let go first, or closing one would have its
+            # stopProducing close the other the slow way (loseConnection) before we do.
+            client.unregisterProducer()
+            upstream.unregisterProducer()
+        if client is not None:
+            now = getattr(client, "close_now", None)
+            if now is not None:
+                now()
+            else:
+                client.loseConnection()
+        if upstream is not None:
+            close_now(upstream)
 
     # -- idle timeout and counters -------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from twisted_gateway._compat import BIO_MEM_DATA as _mem_data
 from twisted_gateway._compat import BIO_POINTER as _POINTER
-from twisted_gateway._compat import memory_bios, record_calls
+from twisted_gateway._compat import close_now, lose_write_now, memory_bios, record_calls
 from twisted_gateway.fastwrite import write_now
 from twisted_gateway.interfaces import IStreamTransport
 from zope.interface import implementer
@@ -245,7 +245,7 @@ class TLSServerConnection:
             if sent > 0:
                 data = data[sent:]
         send = self._conn.send
-        view = memoryview(data)
+        view = memoryview(data).cast("B")  # counted in bytes, as send() counts what it took
         try:
             while view:
                 sent = send(view)
@@ -265,9 +265,21 @@ class TLSServerConnection:
             return
         self._write_closed = True
         self._shutdown_tls()
-        self.transport.loseWriteConnection()
+        lose_write_now(self.transport)
 
     def loseConnection(self) -> None:
+        self._close(False)
+
+    def close_now(self) -> None:
+        """
+        L{loseConnection}, with the TCP connection closed on the spot when nothing is left
+        queued on it (L{twisted_gateway._compat.close_now}): the protocol's C{connectionLost}
+        runs before this returns.  For a caller that touches nothing of the connection after
+        closing it (the splice); the HTTP fronts keep C{loseConnection}.
+        """
+        self._close(True)
+
+    def _close(self, now: bool) -> None:
         if self.disconnecting or self._lost:
             return
         self.disconnecting = True
@@ -277,7 +289,10 @@ class TLSServerConnection:
         if not self._write_closed:
             self._write_closed = True
             self._shutdown_tls()
-        self.transport.loseConnection()
+        if now:
+            close_now(self.transport)
+        else:
+            self.transport.loseConnection()
 
     def abortConnection(self) -> None:
         self.disconnecting = True
