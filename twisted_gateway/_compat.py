@@ -223,8 +223,16 @@ def close_now(transport: Any) -> None:
     if _nothing_waits(transport):
         transport.disconnecting = True
         transport.connectionLost(_CONNECTION_DONE)
+        # An event for this connection may still be on its way in the reactor's current batch
+        # (a read closed it, and the same event says it was writable: a half-close was
+        # pending): as after abortConnection, such an event finds nothing to do.
+        transport.doRead = transport.doWrite = _nothing
         return
     transport.loseConnection()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _connection_done() -> Any:

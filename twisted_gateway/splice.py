@@ -31,6 +31,9 @@ from twisted_gateway.interfaces import IStreamTransport
 
 _ACTIVE: set[Splice] = set()
 _SOCKET_BUFFER = 256 * 1024
+_LINGER = 30.0
+"""The longest a client that is still sending when the shard's side ends is given to read
+what was relayed to it (TLSServerConnection.close_now)."""
 
 
 def flush_metrics() -> None:
@@ -146,6 +149,9 @@ class Splice:
         self._idle_mark = (0, 0)
         self._last_active = 0.0
         self.failure_reason: str | None = None
+        self._held_client = False
+        self._held_upstream = False
+        """Whether from_client / from_upstream paused that side until _wire."""
         self.on_done = on_done
         self._started = 0.0
 
@@ -212,8 +218,14 @@ class Splice:
             upstream.loseWriteConnection()
         if self._upstream_eof:
             client.loseWriteConnection()
-        client.resumeProducing()
-        upstream.resumeProducing()
+        # Only a side held back here is resumed: resuming one that was not paused would have
+        # it read again, and a shard that already ended (its FIN read) would end twice.
+        if self._held_client:
+            self._held_client = False
+            client.resumeProducing()
+        if self._held_upstream:
+            self._held_upstream = False
+            upstream.resumeProducing()
         self._last_active = self.reactor.seconds()
         self._idle_call = self.reactor.callLater(self._idle_period(), self._check_idle)
 
@@ -223,7 +235,8 @@ class Splice:
         self.bytes_up += len(data)
         if self.upstream_transport is None:
             self._pending.append(data)
-            if self.client_transport is not None:
+            if self.client_transport is not None and not self._held_client:
+                self._held_client = True
                 self.client_transport.pauseProducing()  # until _wire
         else:
             write_now(self.upstream_transport, data)
@@ -232,7 +245,8 @@ class Splice:
         self.bytes_down += len(data)
         if self.client_transport is None:
             self._pending_down.append(data)
-            if self.upstream_transport is not None:
+            if self.upstream_transport is not None and not self._held_upstream:
+                self._held_upstream = True
                 self.upstream_transport.pauseProducing()  # until _wire
         else:
             write_now(self.client_transport, data)
@@ -295,15 +309,17 @@ class Splice:
         # here, which finds the splice done); one with bytes buffered is closed once they are
         # written (loseConnection).
         client, upstream = self.client_transport, self.upstream_transport
-        if client is not None and upstream is not None:
-            # Each side is the other's producer; let go first, or closing one would have its
-            # stopProducing close the other the slow way (loseConnection) before we do.
-            client.unregisterProducer()
-            upstream.unregisterProducer()
+        # Each side is the other's producer: let go first.  A side left with the other (or the
+        # other's dead transport) as a paused producer never closes (Twisted's doWrite resumes
+        # the producer instead of closing), and closing one side would otherwise have its
+        # stopProducing close the other the slow way before we do.
+        for side in (client, upstream):
+            if side is not None:
+                side.unregisterProducer()
         if client is not None:
             now = getattr(client, "close_now", None)
             if now is not None:
-                now()
+                now(min(self.idle_timeout, _LINGER))
             else:
                 client.loseConnection()
         if upstream is not None:

@@ -70,6 +70,9 @@ class TLSServerConnection:
         self._eof_pending = False
         self._write_closed = False
         self._lost = False
+        self._discarding = False
+        """Closing with a linger (L{close_now}): what the client still sends is read and dropped."""
+        self._linger_call: Any = None
         self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
         bios = memory_bios(connection) if _mem_data is not None else None
         self._in_bio: Any = bios[0] if bios is not None else None
@@ -86,6 +89,8 @@ class TLSServerConnection:
         self.raw_data_received(initial)
 
     def raw_data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         rec = self._rec
         written = rec.bio_write(data) if rec is not None else 0
         if written != len(data):
@@ -100,6 +105,9 @@ class TLSServerConnection:
         if not self.handshake_done:
             self._fail("client_closed", None)
             return
+        if self._discarding:  # the end of a lingering close: nothing is left unread
+            self.transport.loseConnection()
+            return
         # EOF without close_notify: a truncation by the strict reading of TLS, but clients that
         # half-close TCP directly are common; carry it as end-of-stream once every byte still
         # buffered has been delivered (which waits while the application has paused us).
@@ -111,6 +119,9 @@ class TLSServerConnection:
             return
         self._lost = True
         self.connected = False
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
         if not self.handshake_done:
             self._on_failure(self, "client_closed", None)
             return
@@ -270,14 +281,42 @@ class TLSServerConnection:
     def loseConnection(self) -> None:
         self._close(False)
 
-    def close_now(self) -> None:
+    def close_now(self, linger: float = 30.0) -> None:
         """
-        L{loseConnection}, with the TCP connection closed on the spot when nothing is left
-        queued on it (L{twisted_gateway._compat.close_now}): the protocol's C{connectionLost}
-        runs before this returns.  For a caller that touches nothing of the connection after
-        closing it (the splice); the HTTP fronts keep C{loseConnection}.
+        L{loseConnection} for a caller that touches nothing of the connection after closing
+        it (the splice; the HTTP fronts keep C{loseConnection}).
+
+        When the client has ended its side (close_notify or FIN), the TCP connection is closed
+        on the spot if nothing is left queued on it (L{twisted_gateway._compat.close_now}): the
+        protocol's C{connectionLost} runs before this returns.  Otherwise the client may still
+        be sending, and bytes of its still unread in the kernel would make the close a reset,
+        which throws away whatever of ours the client has not read yet: the close lingers
+        instead.  close_notify and a FIN go out after everything queued, what the client still
+        sends is read and dropped, and the connection closes at the client's FIN, or is cut
+        after C{linger} seconds.
         """
-        self._close(True)
+        if self._read_closed or self._eof_pending or not self.handshake_done:
+            self._close(True)
+            return
+        reactor = getattr(self.transport, "reactor", None)
+        if self.disconnecting or self._lost or reactor is None:
+            self._close(True)
+            return
+        self.disconnecting = True
+        self._discarding = True
+        if not self._write_closed:
+            self._write_closed = True
+            self._shutdown_tls()
+        transport = self.transport
+        lose_write_now(transport)
+        self._paused = False
+        transport.resumeProducing()
+        self._linger_call = reactor.callLater(linger, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger_call = None
+        if not self._lost:
+            self.transport.abortConnection()
 
     def _close(self, now: bool) -> None:
         if self.disconnecting or self._lost:
@@ -370,7 +409,9 @@ class TLSServerConnection:
             self._drain()
 
     def stopProducing(self) -> None:
-        self.loseConnection()
+        # The consumer this connection fed is gone (a splice's shard connection): the splice
+        # ends, and the client may still be sending, so the close lingers (close_now).
+        self.close_now()
 
 
 __all__ = ["TLSServerConnection", "ConnectionDone", "ConnectionLost"]
