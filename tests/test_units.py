@@ -583,3 +583,22 @@ def test_count_request_binds_each_child_once_and_folds_unknown_methods():
     assert [a - b for a, b in zip(after, before)] == [2, 3, 1]
     # Bounded: unknown methods share one child per route and class.
     assert sum(1 for key in metrics._REQUEST_CHILDREN if key[:2] == ("api", 4)) <= 2
+
+
+def test_error_text_is_one_clean_line_for_nested_connection_failures():
+    from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseNeverReceived
+    from twisted_gateway.logs import error_text
+    inner = Failure(ConnectionDone())
+    # An endpoint that failed every attempt puts the Failure's multi-line text in its message.
+    nested = error_text(Failure(ConnectError(string=str(inner))))
+    assert nested == "An error occurred while connecting: ConnectionDone: Connection was closed cleanly.."
+    assert "Traceback" not in nested and "\n" not in nested
+    listed = error_text(Failure(ConnectError(string=repr([inner]))))
+    assert listed == "An error occurred while connecting: [ConnectionDone: Connection was closed cleanly.]."
+    # An HTTP client's failure: its reasons, in their own words.
+    assert error_text(Failure(ResponseNeverReceived([Failure(ConnectionRefusedError())]))) == \
+        "Connection was refused by other side."
+    assert error_text(Failure(ValueError("plain"))) == "plain"
+    assert error_text(Failure(ValueError())) == "ValueError"

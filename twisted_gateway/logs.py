@@ -64,6 +64,30 @@ def redact(text: str) -> str:
     return text
 
 
+# Twisted's connection errors often carry another Failure's repr in their message (an endpoint
+# that failed every attempt, an HTTP client's ResponseNeverReceived): a multi-line
+# "[Failure instance: Traceback (failure with no frames): <class 'x.Y'>: text\n]".
+_FAILURE_REPR = re.compile(r"\[Failure instance: Traceback \(failure with no frames\): "
+                           r"<class '(?:[\w]+\.)*(\w+)'>: ([^\n]*)\n\]")
+
+
+_FAILURE_OBJECT = re.compile(r"<twisted\.python\.failure\.Failure (?:\w+\.)*(\w+): ([^>\n]*)>")
+
+
+def error_text(failure: Any) -> str:
+    """One line saying what went wrong in C{failure}, for a log line: the reasons of an HTTP
+    client's failure (ResponseFailed, ResponseNeverReceived) in their own words, and a Failure's
+    repr inside a message (a connection that failed every attempt) as its class and text."""
+    value = getattr(failure, "value", failure)
+    reasons = getattr(value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(error_text(reason) for reason in reasons)
+    text = failure.getErrorMessage() if hasattr(failure, "getErrorMessage") else str(value)
+    text = _FAILURE_REPR.sub(lambda m: f"{m.group(1)}: {m.group(2)}", text)
+    text = _FAILURE_OBJECT.sub(lambda m: f"{m.group(1)}: {m.group(2)}", text)
+    return " ".join(text.split()) or type(value).__name__
+
+
 def _format(event: dict[str, Any]) -> str:
     """C{formatEvent(event)}, with the common case at C speed: a text format without Twisted's
     call syntax (C{"{name()}"}) is C{str.format_map} over the event, which is what Twisted's

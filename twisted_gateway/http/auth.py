@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
+from twisted_gateway.logs import error_text
 
 if TYPE_CHECKING:
     from jwt.types import Options
@@ -138,7 +139,7 @@ class JWKSKeys(TimerService):
     def _failed(self, failure: Any) -> None:
         metrics.JWKS_REFRESHES.labels(outcome="failure").inc()
         self.log.warn("JWKS {url} refresh failed, keeping {count} known keys: {error}",
-                      url=self.url, count=len(self.keys), error=failure.getErrorMessage())
+                      url=self.url, count=len(self.keys), error=error_text(failure))
 
 
 class TokenVerifier:

@@ -30,6 +30,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from twisted_gateway import metrics
+from twisted_gateway.logs import error_text
 from twisted_gateway.directory.model import Route
 from twisted_gateway.http.auth import AuthDecision, bearer_token
 from twisted_gateway.http.errors import negotiate
@@ -466,7 +467,7 @@ def upstream_failed(log: Logger, route: Route, failure: Failure, timed_out: bool
         metrics.UPSTREAM_CONNECT_FAILURES.labels(reason=reason).inc()
     log.warn("proxy to {shard} {address}:{port} failed: {code} ({error})", shard=route.shard.id,
              address=route.shard.address, port=route.port.target_port, code=code,
-             error=failure.getErrorMessage())
+             error=error_text(failure))
     return Answer(status, (), (code, message))
 
 

@@ -12,7 +12,14 @@ buffer and producer machinery give backpressure in both directions.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Callable, Iterable
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # Windows: whether the client has bytes unread cannot be asked
+    fcntl = termios = None  # type: ignore[assignment]
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
@@ -284,23 +291,51 @@ class TLSServerConnection:
     def close_now(self, linger: float = 30.0) -> None:
         """
         L{loseConnection} for a caller that touches nothing of the connection after closing
-        it (the splice; the HTTP fronts keep C{loseConnection}).
-
-        When the client has ended its side (close_notify or FIN), the TCP connection is closed
-        on the spot if nothing is left queued on it (L{twisted_gateway._compat.close_now}): the
-        protocol's C{connectionLost} runs before this returns.  Otherwise the client may still
-        be sending, and bytes of its still unread in the kernel would make the close a reset,
-        which throws away whatever of ours the client has not read yet: the close lingers
-        instead.  close_notify and a FIN go out after everything queued, what the client still
-        sends is read and dropped, and the connection closes at the client's FIN, or is cut
-        after C{linger} seconds.
+        it (the splice).  When the client may still be sending (L{_unread_input}), the close
+        lingers (L{linger_close}); otherwise the TCP connection is closed on the spot if
+        nothing is left queued on it (L{twisted_gateway._compat.close_now}), and the
+        protocol's C{connectionLost} runs before this returns.
         """
-        if self._read_closed or self._eof_pending or not self.handshake_done:
+        if self._unread_input():
+            self._linger(linger)
+        else:
             self._close(True)
-            return
+
+    def linger_close(self, linger: float = 30.0) -> None:
+        """
+        L{loseConnection}, lingering when the client may still be sending: closing a socket
+        whose peer's bytes are still unread in the kernel makes the close a reset, which throws
+        away whatever of ours the client has not read yet (an answer to a request whose body
+        the gateway refused to read, the tail of a relayed stream).  close_notify and a FIN go
+        out after everything queued, what the client still sends is read and dropped, and the
+        connection closes at the client's FIN, or is cut after C{linger} seconds.  The
+        protocol's C{connectionLost} never runs before this returns.
+        """
+        if self._unread_input():
+            self._linger(linger)
+        else:
+            self._close(False)
+
+    def _unread_input(self) -> bool:
+        """Whether the client may have sent bytes the gateway has not read: it has not ended
+        its side, and either reading was paused or the kernel holds bytes of its (FIONREAD)."""
+        if self._read_closed or self._eof_pending or not self.handshake_done or self._lost:
+            return False
+        if self._paused:
+            return True
+        if fcntl is None:
+            return False
+        try:
+            handle: Any = getattr(self.transport, "getHandle")()  # the TCP socket (ITCPTransport)
+            raw = fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (AttributeError, OSError, ValueError, TypeError):
+            return False  # not a socket (a test's transport), or already closed
+        return bool(struct.unpack("i", raw)[0])
+
+    def _linger(self, linger: float) -> None:
         reactor = getattr(self.transport, "reactor", None)
         if self.disconnecting or self._lost or reactor is None:
-            self._close(True)
+            self._close(False)
             return
         self.disconnecting = True
         self._discarding = True
