@@ -291,8 +291,14 @@ class TLSServerConnection:
     def close_now(self, linger: float = 30.0) -> None:
         """
         L{loseConnection} for a caller that touches nothing of the connection after closing
-        it (the splice).  When the client may still be sending (L{_unread_input}), the close
-        lingers (L{linger_close}); otherwise the TCP connection is closed on the spot if
+        it (the splice; the HTTP fronts keep C{loseConnection}).
+
+        When the client may still be sending (L{_unread_input}), the close lingers: closing a
+        socket whose peer's bytes are still unread in the kernel makes the close a reset,
+        which throws away whatever of ours the client has not read yet (the tail of a relayed
+        stream).  close_notify and a FIN go out after everything queued, what the client still
+        sends is read and dropped, and the connection closes at the client's FIN, or is cut
+        after C{linger} seconds.  Otherwise the TCP connection is closed on the spot if
         nothing is left queued on it (L{twisted_gateway._compat.close_now}), and the
         protocol's C{connectionLost} runs before this returns.
         """
@@ -300,21 +306,6 @@ class TLSServerConnection:
             self._linger(linger)
         else:
             self._close(True)
-
-    def linger_close(self, linger: float = 30.0) -> None:
-        """
-        L{loseConnection}, lingering when the client may still be sending: closing a socket
-        whose peer's bytes are still unread in the kernel makes the close a reset, which throws
-        away whatever of ours the client has not read yet (an answer to a request whose body
-        the gateway refused to read, the tail of a relayed stream).  close_notify and a FIN go
-        out after everything queued, what the client still sends is read and dropped, and the
-        connection closes at the client's FIN, or is cut after C{linger} seconds.  The
-        protocol's C{connectionLost} never runs before this returns.
-        """
-        if self._unread_input():
-            self._linger(linger)
-        else:
-            self._close(False)
 
     def _unread_input(self) -> bool:
         """Whether the client may have sent bytes the gateway has not read: it has not ended

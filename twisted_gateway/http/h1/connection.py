@@ -423,15 +423,8 @@ class H1ProxyConnection(Protocol):
 
     def _close(self) -> None:
         self.closing = True
-        transport = self.transport
-        if transport is not None:
-            # A client still sending (a body the gateway answered without reading) gets a
-            # lingering close, so that the answer is not lost to a reset (TLSServerConnection).
-            linger = getattr(transport, "linger_close", None)
-            if linger is not None:
-                linger(min(self.ctx.limits.http_idle_timeout, 30.0))
-            else:
-                transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     # -- timers ----------------------------------------------------------------------------------
 
