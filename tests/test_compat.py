@@ -265,6 +265,10 @@ def test_record_calls_read_and_write_records_as_pyopenssl_does() -> None:
     _check(calls.read(7) == b"hellohe" and calls.pending() == 43, name,
            "SSL_read/SSL_pending do not read a record's plaintext piece by piece")
     _check(calls.read(1000) == b"llo" + b"hello" * 8, name, "the rest of the record was not read")
+    client.send(b"y" * 100)
+    calls.bio_write(client.bio_read(1 << 20))
+    _check(calls.read(_compat.RECORD_BUFFER * 4) == b"y" * 100, name,
+           "a read asking for more than the buffer holds was not bounded by it")
     big = os.urandom(300 * 1024)  # more than RECORD_BUFFER: the outgoing BIO is taken whole
     _check(calls.write(big) == len(big), name, "SSL_write did not take a whole large write")
     size = _compat.BIO_MEM_DATA(calls.out, _compat.BIO_POINTER)

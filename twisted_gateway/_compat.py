@@ -342,7 +342,7 @@ def _ssl_read(ssl: Any, size: int) -> bytes | None:
     """Up to C{size} (at most L{RECORD_BUFFER}) bytes of plaintext, or None when OpenSSL has
     none to give: the caller then asks pyOpenSSL's C{recv}, which says why (want-read,
     close_notify, an error) by raising as it always does."""
-    n = _SSL_READ(ssl, _READ_BUFFER, size)
+    n = _SSL_READ(ssl, _READ_BUFFER, min(size, RECORD_BUFFER))
     if n <= 0:
         return None
     data: bytes = _FFI_BUFFER(_READ_BUFFER, n)[:]
