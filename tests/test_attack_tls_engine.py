@@ -23,7 +23,6 @@ import os
 import random
 import socket
 import struct
-import tempfile
 from typing import Any, Callable
 
 import pytest
@@ -42,24 +41,21 @@ from twisted_gateway.tls.connection import TLSServerConnection
 from twisted_gateway.tls.contexts import build_context
 from twisted_gateway.tls.localca import LocalCA
 
+from tls_memory import drain, leaf_context
+
 pytestmark = pytest.mark.skipif(not _compat.RECORD_CALLS,
                                 reason="the direct record calls are not available here")
 
 
 @pytest.fixture(scope="module", params=["plain", "gateway"])
-def server_context(request: Any) -> SSL.Context:
+def server_context(request: Any, tmp_path_factory: pytest.TempPathFactory) -> SSL.Context:
     """A bare pyOpenSSL context, and one made as the gateway makes its own (tls/contexts.py:
     MODE_RELEASE_BUFFERS, OP_NO_RENEGOTIATION, its TLS 1.2 ciphers, an ALPN callback)."""
-    folder = tempfile.mkdtemp(prefix="tls-attack-")
-    ca = LocalCA(os.path.join(folder, "ca"))
+    folder = str(tmp_path_factory.mktemp("tls-attack"))
     if request.param == "gateway":
+        ca = LocalCA(os.path.join(folder, "ca"))
         return build_context(ca.issue(("engine.test",)), (b"h2", b"http/1.1"))
-    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    ca.write_leaf(("engine.test",), cert, key)
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.use_certificate_file(cert)
-    ctx.use_privatekey_file(key)
-    return ctx
+    return leaf_context(folder, "engine.test")
 
 
 # -- the application, the wire, the client ------------------------------------------------------
@@ -231,12 +227,7 @@ class Pair:
         return Forger(bytes.fromhex(line.split()[2].decode()), self.client.get_cipher_name())
 
     def from_client(self) -> bytes:
-        out = b""
-        while True:
-            try:
-                out += self.client.bio_read(1 << 20)
-            except SSL.WantReadError:
-                return out
+        return drain(self.client)
 
     def to_client(self) -> None:
         data = self.wire.value()

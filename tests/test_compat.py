@@ -209,20 +209,12 @@ def test_memory_bio_sizes() -> None:
            "the outgoing BIO's size does not match what bio_read returns")
 
 
-def _tls_pair() -> tuple[Any, Any]:
+def _tls_pair(folder: str) -> tuple[Any, Any]:
     """A server and a client pyOpenSSL connection on memory BIOs, handshaken."""
     from OpenSSL import SSL
 
-    from twisted_gateway.tls.localca import LocalCA
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="compat-tls-")
-    ca = LocalCA(os.path.join(folder, "ca"))
-    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    ca.write_leaf(("compat.test",), cert, key)
-    server_ctx = SSL.Context(SSL.TLS_METHOD)
-    server_ctx.use_certificate_file(cert)
-    server_ctx.use_privatekey_file(key)
-    server = SSL.Connection(server_ctx, None)
+    from tls_memory import leaf_context
+    server = SSL.Connection(leaf_context(folder, "compat.test"), None)
     client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
     server.set_accept_state()
     client.set_connect_state()
@@ -238,21 +230,18 @@ def _tls_pair() -> tuple[Any, Any]:
 
 
 def _move(source: Any, sink: Any) -> None:
-    from OpenSSL import SSL
-    while True:
-        try:
-            data = source.bio_read(1 << 20)
-        except SSL.WantReadError:
-            return
+    from tls_memory import drain
+    data = drain(source)
+    if data:
         sink.bio_write(data)
 
 
-def test_record_calls_read_and_write_records_as_pyopenssl_does() -> None:
+def test_record_calls_read_and_write_records_as_pyopenssl_does(tmp_path: Any) -> None:
     from OpenSSL import SSL
     name = "OpenSSL._util.lib.SSL_write/SSL_read/SSL_pending/BIO_read/BIO_write"
     _require(name)
     _require("OpenSSL.SSL.Connection._ssl")
-    server, client = _tls_pair()
+    server, client = _tls_pair(str(tmp_path))
     calls = _compat.record_calls(server)
     _check(calls is not None, "OpenSSL.SSL.Connection._ssl", "record_calls found no OpenSSL object")
     assert calls is not None

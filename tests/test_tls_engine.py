@@ -10,7 +10,6 @@ both must behave the same.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import pytest
@@ -22,19 +21,12 @@ from zope.interface import implementer
 
 from twisted_gateway import _compat
 from twisted_gateway.tls.connection import TLSServerConnection
-from twisted_gateway.tls.localca import LocalCA
+from tls_memory import drain, leaf_context
 
 
 @pytest.fixture(scope="module")
-def server_context() -> SSL.Context:
-    folder = tempfile.mkdtemp(prefix="tls-engine-")
-    ca = LocalCA(os.path.join(folder, "ca"))
-    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    ca.write_leaf(("engine.test",), cert, key)
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.use_certificate_file(cert)
-    ctx.use_privatekey_file(key)
-    return ctx
+def server_context(tmp_path_factory: pytest.TempPathFactory) -> SSL.Context:
+    return leaf_context(str(tmp_path_factory.mktemp("tls-engine")), "engine.test")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -98,12 +90,7 @@ class Pair:
         assert self.engine.handshake_done
 
     def _from_client(self) -> bytes:
-        out = b""
-        while True:
-            try:
-                out += self.client.bio_read(1 << 20)
-            except SSL.WantReadError:
-                return out
+        return drain(self.client)
 
     def _to_client(self) -> None:
         data = self.wire.value()
