@@ -142,6 +142,15 @@ TCP_WRITE_QUEUE = all([
 
 _TCP = (tcp.Server, tcp.Client)
 
+
+def _open_and_empty(transport: Any) -> bool:
+    """A plain TCP connection, open (not closing, not aborted), with nothing in its write
+    queue: where Twisted's C{doWrite} would send a new chunk first, or go on to a close."""
+    return (type(transport) in _TCP and transport.connected and not transport.disconnecting
+            and not transport._aborting and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer))
+
+
 if TCP_WRITE_QUEUE:
     def write_now(transport: Any, data: bytes) -> None:
         """
@@ -151,9 +160,7 @@ if TCP_WRITE_QUEUE:
         The conditions are exactly those under which Twisted's own C{doWrite} would send
         C{data} first; what the socket does not take is queued with C{transport.write}.
         """
-        if (type(transport) in _TCP and transport.connected and not transport.disconnecting
-                and not transport._aborting and not transport._tempDataLen
-                and transport.offset == len(transport.dataBuffer) and not transport._writeDisconnected):
+        if _open_and_empty(transport) and not transport._writeDisconnected:
             try:
                 sent = transport.socket.send(data)
             except BlockingIOError:
@@ -190,8 +197,7 @@ CLOSE_NOW = TCP_WRITE_QUEUE and all([
 def _nothing_waits(transport: Any) -> bool:
     """A plain TCP connection, open, with nothing queued and no producer waiting to be resumed:
     where Twisted's C{doWrite} would go straight on to a close it was asked for."""
-    return (CLOSE_NOW and type(transport) in _TCP and transport.connected and not transport.disconnecting
-            and not transport._aborting and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+    return (CLOSE_NOW and _open_and_empty(transport)
             and (transport.producer is None
                  or (transport.streamingProducer and not transport.producerPaused)))
 
