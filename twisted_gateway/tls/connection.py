@@ -281,8 +281,7 @@ class TLSServerConnection:
         """Send close_notify and shut the TCP write side; keep reading."""
         if self._write_closed or self._lost:
             return
-        self._write_closed = True
-        self._shutdown_tls()
+        self._send_close_notify()
         lose_write_now(self.transport)
 
     def loseConnection(self) -> None:
@@ -330,9 +329,7 @@ class TLSServerConnection:
             return
         self.disconnecting = True
         self._discarding = True
-        if not self._write_closed:
-            self._write_closed = True
-            self._shutdown_tls()
+        self._send_close_notify()
         transport = self.transport
         lose_write_now(transport)
         self._paused = False
@@ -351,9 +348,7 @@ class TLSServerConnection:
         if not self.handshake_done:
             self.transport.abortConnection()
             return
-        if not self._write_closed:
-            self._write_closed = True
-            self._shutdown_tls()
+        self._send_close_notify()
         if now:
             close_now(self.transport)
         else:
@@ -363,12 +358,15 @@ class TLSServerConnection:
         self.disconnecting = True
         self.transport.abortConnection()
 
-    def _shutdown_tls(self) -> None:
-        try:
-            self._conn.shutdown()
-        except SSL.Error:
-            pass
-        self._flush()
+    def _send_close_notify(self) -> None:
+        """close_notify, once: nothing more is written after it."""
+        if not self._write_closed:
+            self._write_closed = True
+            try:
+                self._conn.shutdown()
+            except SSL.Error:
+                pass
+            self._flush()
 
     def switch_protocol(self, protocol: Any) -> None:
         """Hand the connection to another application protocol (after an HTTP upgrade)."""
