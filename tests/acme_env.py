@@ -12,7 +12,7 @@ import subprocess
 import threading
 import urllib.request
 
-from support import free_port, stop_process, wait_for_listener, which
+from support import Upstream, free_port, stop_process, wait_for_listener, which
 
 from twisted_gateway.tls.localca import LocalCA
 
@@ -157,48 +157,33 @@ class HoldingProxy:
     """
     A loopback TCP port (pebble's httpPort or tlsPort) that holds every connection until
     L{release} names the port to relay it to: a CA's validation kept waiting mid-order, for as
-    long as a test needs.
+    long as a test needs.  The port is the suite's threaded server (L{support.Upstream}).
     """
 
     def __init__(self) -> None:
-        import socket
-        self.port = free_port()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", self.port))
-        self.sock.listen(64)
-        self.accepted = 0
         self.target: int | None = None
         self._released = threading.Event()
-        self._closed = False
-        self._sockets: list = [self.sock]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._upstreams: list = []
+        self._server = Upstream(self._relay)
+        self.port = self._server.port
+
+    @property
+    def accepted(self) -> int:
+        return self._server.accepted
 
     def release(self, target_port: int) -> None:
         self.target = target_port
         self._released.set()
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self._sockets.append(conn)
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
-
     def _relay(self, conn) -> None:
         import socket
         if not self._released.wait(120) or self.target is None:
-            conn.close()
             return
         try:
             upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
         except OSError:
-            conn.close()
             return
-        self._sockets.append(upstream)
+        self._upstreams.append(upstream)
 
         def pipe(src, dst) -> None:
             try:
@@ -210,13 +195,15 @@ class HoldingProxy:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        back = threading.Thread(target=pipe, args=(upstream, conn), daemon=True)
+        back.start()
         pipe(conn, upstream)
+        back.join(120)  # the server closes conn when this returns: after the reply is through
 
     def close(self) -> None:
-        self._closed = True
         self._released.set()
-        for s in self._sockets:
+        self._server.close()
+        for s in self._upstreams:
             try:
                 s.close()
             except OSError:
